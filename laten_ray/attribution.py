@@ -1,0 +1,181 @@
+"""Locate, part 1: how much each layer and neuron raises log P(answer's last token) (DESIGN.md §1).
+
+For a residual vector y at the last position T, log P(w | y) = log softmax(W_U (g * y) / r)[w],
+with r the RMS of the last layer's output at T, frozen per example. Once r is frozen the map is
+linear in y, so a neuron with output vector u_k and coefficient c_k adds (c_k / r) * P[:, k] to
+the logits, where P = W_U diag(g) U ([V, n] per layer) does not depend on the example. We
+compute P once per layer, in chunks, and score every example of the batch against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import Arch
+from .data import Example, attribution_batch
+
+
+@dataclass
+class Scores:
+    """Attribution scores summed over examples (float32, on CPU)."""
+    layer_attn: torch.Tensor  # [L]
+    layer_ffn: torch.Tensor   # [L]
+    ffn: torch.Tensor         # [L, f]
+    attn: torch.Tensor        # [L, n_heads * head_dim]  (columns of o_proj)
+    n_examples: int
+
+    def v_rows(self, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Scores of v_proj rows: row (h_kv, i) feeds o columns (h, i) of each query head h in
+        its group, so it scores the sum over the group. [L, n_kv_heads * head_dim]"""
+        L, width = self.attn.shape
+        n_heads = width // head_dim
+        per_head = self.attn.view(L, n_kv_heads, n_heads // n_kv_heads, head_dim)
+        return per_head.sum(dim=2).reshape(L, n_kv_heads * head_dim)
+
+    def __add__(self, other: "Scores") -> "Scores":
+        return Scores(self.layer_attn + other.layer_attn, self.layer_ffn + other.layer_ffn,
+                      self.ffn + other.ffn, self.attn + other.attn, self.n_examples + other.n_examples)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"layer_attn": self.layer_attn, "layer_ffn": self.layer_ffn,
+                "ffn": self.ffn, "attn": self.attn}
+
+
+@dataclass
+class Captured:
+    """Residual-stream pieces at each example's last position, float32. B examples, L layers."""
+    h_in: torch.Tensor  # [B, L, d]  layer input
+    a: torch.Tensor     # [B, L, d]  attention output
+    m: torch.Tensor     # [B, L, d]  MLP output
+    c: torch.Tensor     # [B, L, f]  MLP activation, input of down_proj
+    z: torch.Tensor     # [B, L, A]  concatenated head outputs, input of o_proj
+    r: torch.Tensor     # [B]        RMS of the last layer's output
+    w: torch.Tensor     # [B]        attributed token
+
+    @staticmethod
+    def cat(parts: list["Captured"]) -> "Captured":
+        return Captured(*(torch.cat([getattr(p, f) for p in parts]) for f in Captured.__dataclass_fields__))
+
+
+@torch.inference_mode()
+def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
+    """One forward pass with hooks that keep only the last real position of each row."""
+    device = arch.lm_head().weight.device
+    rows = torch.arange(batch["last"].shape[0], device=device)
+    last = batch["last"].to(device)
+    L = arch.shape.n_layers
+    store: dict[str, list] = {k: [None] * L for k in ("h_in", "a", "m", "c", "z")}
+    final = {}
+
+    def at_last(x: torch.Tensor) -> torch.Tensor:
+        return x[rows, last].float()  # [B, T, n] -> [B, n]
+
+    def keep(name, layer, from_input: bool):
+        def hook(module, args, kwargs, output=None):
+            x = (args[0] if args else kwargs["hidden_states"]) if from_input else output
+            store[name][layer] = at_last(x[0] if isinstance(x, tuple) else x)
+        return hook
+
+    def keep_in_out(in_name, out_name, layer):
+        def hook(module, args, output):
+            store[in_name][layer] = at_last(args[0])
+            store[out_name][layer] = at_last(output)
+        return hook
+
+    def keep_final(module, args, kwargs):
+        final["x"] = at_last(args[0] if args else kwargs["hidden_states"])
+
+    handles = [arch.final_norm().register_forward_pre_hook(keep_final, with_kwargs=True)]
+    for i in range(L):
+        handles.append(arch.layers[i].register_forward_pre_hook(keep("h_in", i, True), with_kwargs=True))
+        handles.append(arch.part(i, "o").register_forward_hook(keep_in_out("z", "a", i)))
+        handles.append(arch.part(i, "down").register_forward_hook(keep_in_out("c", "m", i)))
+    try:
+        arch.model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    x = final["x"]  # [B, d]
+    r = torch.sqrt(x.pow(2).mean(-1) + arch.shape.eps)  # [B]
+    stacked = {k: torch.stack(v, dim=1) for k, v in store.items()}  # each [B, L, n]
+    return Captured(**stacked, r=r, w=batch["target"].to(device))
+
+
+def chunk_sizes(vocab: int, batch: int, n: int, budget_bytes: int) -> tuple[int, int]:
+    """Neuron and vocabulary chunk so that a P chunk [nc, V] and a logits block [B, nc, vc] each
+    take about half the budget (float32)."""
+    half = max(budget_bytes // 2, 1 << 20)
+    nc = max(1, min(n, half // (4 * vocab)))
+    vc = max(1, min(vocab, half // (4 * batch * nc)))
+    return nc, vc
+
+
+def log_prob(unembed: torch.Tensor, y: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """log P(w | y) through the frozen norm. unembed [V, d] = W_U * g, y [N, d], r [N], w [N] -> [N]"""
+    logits = (y @ unembed.T) / r[:, None]  # [N, V]
+    return logits.gather(1, w[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tensor,
+                  coef: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+                  budget_bytes: int) -> torch.Tensor:
+    """log P(w | base + coef_k * u_k) - log P(w | base) for every neuron k, exactly.
+
+    unembed [V, d], vectors [d, n] (u_k = column k), base [B, d], coef [B, n], r [B], w [B] -> [B, n]
+    """
+    V = unembed.shape[0]
+    B, n = coef.shape
+    base_logits = (base @ unembed.T) / r[:, None]                  # [B, V]
+    base_lse = torch.logsumexp(base_logits, dim=-1, keepdim=True)  # [B, 1]
+    alpha = coef / r[:, None]                                      # [B, n]
+    out = torch.empty(B, n, dtype=torch.float32, device=base.device)
+    nc, vc = chunk_sizes(V, B, n, budget_bytes)
+    for n0 in range(0, n, nc):
+        proj = vectors[:, n0:n0 + nc].T @ unembed.T                # [nc, V]: P^T for this chunk
+        a = alpha[:, n0:n0 + nc, None]                             # [B, nc, 1]
+        lse = torch.full(a.shape[:2], float("-inf"), device=base.device)  # [B, nc]
+        for v0 in range(0, V, vc):
+            block = torch.addcmul(base_logits[:, None, v0:v0 + vc], a, proj[None, :, v0:v0 + vc])
+            lse = torch.logaddexp(lse, torch.logsumexp(block, dim=-1))  # block [B, nc, vc]
+        gain = a[..., 0] * proj[:, w].T                            # [B, nc]: alpha * P[w, k]
+        out[:, n0:n0 + nc] = gain - (lse - base_lse)
+    return out
+
+
+def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
+    """Scores summed over the captured examples, one layer at a time."""
+    s = arch.shape
+    head, norm = arch.lm_head().weight, arch.final_norm().weight
+    unembed = head.float() * norm.float()[None, :]  # [V, d]: W_U diag(g)
+    layer_attn, layer_ffn, ffn, attn = [], [], [], []
+    for i in range(s.n_layers):
+        h_in, a, m = cap.h_in[:, i], cap.a[:, i], cap.m[:, i]  # each [B, d]
+        h_mid = h_in + a
+        B = h_in.shape[0]
+        lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), cap.r.repeat(3), cap.w.repeat(3))
+        lp_in, lp_mid, lp_out = lp.view(3, B)
+        layer_attn.append((lp_mid - lp_in).sum())
+        layer_ffn.append((lp_out - lp_mid).sum())
+        w_down = arch.weight(i, "down").float()  # [d, f]
+        w_o = arch.weight(i, "o").float()        # [d, A]
+        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.c[:, i], cap.r, cap.w, budget_bytes).sum(0))
+        attn.append(neuron_scores(unembed, w_o, h_in, cap.z[:, i], cap.r, cap.w, budget_bytes).sum(0))
+    return Scores(layer_attn=torch.stack(layer_attn).cpu(), layer_ffn=torch.stack(layer_ffn).cpu(),
+                  ffn=torch.stack(ffn).cpu(), attn=torch.stack(attn).cpu(), n_examples=cap.r.shape[0])
+
+
+def attribute(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
+              budget_bytes: int = 256 << 20, group: int = 64) -> Scores:
+    """Scores of `examples`, summed. Forward passes go `batch_size` examples at a time; each
+    per-layer projection is computed once per `group` examples and shared by all of them."""
+    total = None
+    for g0 in range(0, len(examples), group):
+        chunk = examples[g0:g0 + group]
+        parts = [capture(arch, attribution_batch(tokenizer, chunk[i:i + batch_size]))
+                 for i in range(0, len(chunk), batch_size)]
+        with torch.inference_mode():
+            scores = score_captured(arch, Captured.cat(parts), budget_bytes)
+        total = scores if total is None else total + scores
+    return total

@@ -1,0 +1,102 @@
+"""The `laten` command: attribute, train and merge in this process."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _attribute(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from . import checkpoint as ckpt
+    from .arch import Arch
+    from .attribution import attribute
+    from .data import load_examples
+    from .models import check_spec, load_model, load_tokenizer, pick_device
+
+    check_spec(args.model)
+    examples = load_examples(args.data, args.limit)
+    model = load_model(args.model, args.dtype, pick_device(args.device))
+    scores = attribute(Arch(model), load_tokenizer(args.model), examples, args.batch_size,
+                       args.chunk_mb << 20)
+    out = Path(args.out)
+    tensors = {k: v.contiguous().to(torch.float32) for k, v in scores.tensors().items()}
+    meta = {"model": args.model, "data": args.data, "examples": str(scores.n_examples)}
+    ckpt._atomic(out, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+    print(f"wrote {out} ({scores.n_examples} examples)")
+
+
+def _safetensors_bytes(tensors, meta) -> bytes:
+    from safetensors.torch import save
+    return save(tensors, metadata=meta)
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import format_progress, train
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"run folder: {cfg.run_dir}", flush=True)
+    run_dir = train(cfg, on_step=lambda m: print(format_progress(m), flush=True))
+    print(f"done: {run_dir}")
+
+
+def _merge(args) -> None:
+    from .config import load_config
+    from .merge import merge
+
+    cfg = load_config(args.config, args.overrides)
+    out = merge(cfg, args.step, args.rate, args.out)
+    print(f"merged model: {out}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laten", description="LaTen parametric knowledge transfer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("attribute", help="neuron and layer attribution scores of a model")
+    a.add_argument("--model", required=True, help="HF model folder or tiny:NAME")
+    a.add_argument("--data", required=True, help="jsonl of chat `messages` (or demo:SPLIT)")
+    a.add_argument("--limit", type=int, default=None, help="use the first N examples")
+    a.add_argument("--out", required=True, help="output .safetensors")
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a.add_argument("--device", default="auto")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--chunk-mb", type=int, default=256)
+    a.set_defaults(run=_attribute)
+
+    t = sub.add_parser("train", help="train the hypernetwork (resumes from the last checkpoint)")
+    t.add_argument("--config", required=True)
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4")
+    t.set_defaults(run=_train)
+
+    m = sub.add_parser("merge", help="write the merged target model folder")
+    m.add_argument("--config", required=True)
+    m.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    m.add_argument("--rate", type=float, default=None, help="transfer rate (default: the config's)")
+    m.add_argument("--out", required=True)
+    m.add_argument("overrides", nargs="*", help="key=value")
+    m.set_defaults(run=_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    from .config import ConfigError
+    from .data import DataError
+    try:
+        args.run(args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"laten: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Run configuration: YAML -> typed dataclasses, `key=value` overrides, validation before any model loads."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .arch import MODULES
+from .demo import SPLITS
+from .models import DTYPES, check_spec
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = ""           # HF model folder, or tiny:NAME (a built-in random model)
+    dtype: str = "float32"    # float32 | bfloat16 | float16
+    device: str = "auto"      # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    align: str = "demo:align"      # jsonl file of chat `messages`, or demo:SPLIT (built in)
+    extract: str = "demo:extract"
+    max_length: int = 1024         # LM examples are cut here; batches pad to their longest row
+    train_on_inputs: bool = False  # LM loss on the prompt too (the paper does this for MMLU)
+
+
+@dataclass
+class TransferConfig:
+    rate: float = 0.1  # K = rate * (target's neurons of each module type)
+    modules: list[str] = field(default_factory=lambda: list(MODULES))
+
+
+@dataclass
+class AttributionConfig:
+    batch_size: int = 8   # examples per forward pass
+    chunk_mb: int = 256   # memory for the vocabulary x neuron blocks of the exact scores
+
+
+@dataclass
+class HyperNetConfig:
+    hidden: int | None = None  # width of the hidden layer; default d_source
+    init_std: float = 1e-4     # std of the output layer's init (0 = exactly zero deltas at start)
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None   # default: one step per extract example
+    align_per_step: int = 15
+    micro_batch_size: int = 4
+    lr: float = 3e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_ratio: float = 0.3  # one-cycle: share of steps spent warming up
+    reg_lambda: float = 1000.0
+
+
+@dataclass
+class MergeConfig:
+    seed_example: int = 0     # index of the example located on to pick the neurons
+    seed_data: str = ""       # file of that example; default data.extract
+    rate: float | None = None  # default transfer.rate
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    source: ModelConfig = field(default_factory=ModelConfig)
+    target: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building from plain data, with types checked -------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, data, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key {where!r} (known here: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict, item: str) -> None:
+    """Apply `a.b=value` to the raw mapping; the value is read as YAML (so 3, 0.1, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {k!r} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override, type-check and validate a config; raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        _set_override(tree, item)
+    try:
+        cfg = _build(Config, tree)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+# --- validation -----------------------------------------------------------------------------
+
+def check_data_spec(spec: str, key: str) -> None:
+    if spec.startswith("demo:"):
+        if spec[5:] not in SPLITS:
+            raise ConfigError(f"{key}: unknown demo split {spec!r} (have: "
+                              f"{', '.join('demo:' + s for s in SPLITS)})")
+    elif not Path(spec).is_file():
+        raise ConfigError(f"{key}: data file {spec!r} not found")
+
+
+def _check_rate(rate: float, key: str) -> None:
+    if not 0.0 < rate <= 1.0:
+        raise ConfigError(f"{key}: rate must be in (0, 1], got {rate}")
+
+
+def validate(cfg: Config) -> None:
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty folder name, got {cfg.name!r}")
+    for role in ("source", "target"):
+        m: ModelConfig = getattr(cfg, role)
+        if not m.model:
+            raise ConfigError(f"{role}.model: missing (a model folder or tiny:NAME)")
+        try:
+            check_spec(m.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{role}.model: {e}") from None
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"{role}.dtype: {m.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
+            raise ConfigError(f"{role}.device: {m.device!r} is not auto, cpu, cuda or cuda:N")
+    check_data_spec(cfg.data.align, "data.align")
+    check_data_spec(cfg.data.extract, "data.extract")
+    if cfg.merge.seed_data:
+        check_data_spec(cfg.merge.seed_data, "merge.seed_data")
+    _check_rate(cfg.transfer.rate, "transfer.rate")
+    if cfg.merge.rate is not None:
+        _check_rate(cfg.merge.rate, "merge.rate")
+    bad = [m for m in cfg.transfer.modules if m not in MODULES]
+    if bad or not cfg.transfer.modules or len(set(cfg.transfer.modules)) != len(cfg.transfer.modules):
+        raise ConfigError(f"transfer.modules: {cfg.transfer.modules} must be distinct names from "
+                          f"{', '.join(MODULES)}")
+    positive = {"data.max_length": cfg.data.max_length,
+                "attribution.batch_size": cfg.attribution.batch_size,
+                "attribution.chunk_mb": cfg.attribution.chunk_mb,
+                "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.steps": cfg.train.steps if cfg.train.steps is not None else 1,
+                "hypernet.hidden": cfg.hypernet.hidden if cfg.hypernet.hidden is not None else 1}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    nonneg = {"train.align_per_step": cfg.train.align_per_step, "train.lr": cfg.train.lr,
+              "train.weight_decay": cfg.train.weight_decay, "train.reg_lambda": cfg.train.reg_lambda,
+              "hypernet.init_std": cfg.hypernet.init_std, "merge.seed_example": cfg.merge.seed_example}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")

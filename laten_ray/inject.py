@@ -1,0 +1,60 @@
+"""Inject: add translated vectors at the target's top-K rows/columns (DESIGN.md §5).
+
+During training the deltas are live tensors and the edit is applied by forward hooks that touch
+only the K selected rows/columns, so no full-size delta matrix ever exists. `merge_into` makes
+the same edit for real in the weights.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .arch import NEURON_AXIS, Arch
+
+
+def _row_hook(index: torch.Tensor, delta: torch.Tensor):
+    """up/v: rows idx of W gain delta, so output features idx gain x @ delta^T."""
+    def hook(module, args, output):
+        x = args[0]                                              # [B, T, d]
+        return output.index_add(-1, index, x @ delta.to(x.dtype).T)  # [B, T, K] into [B, T, n]
+    return hook
+
+
+def _column_hook(index: torch.Tensor, delta: torch.Tensor):
+    """down/o: columns idx of W gain delta^T, so the output gains x[..., idx] @ delta."""
+    def hook(module, args, output):
+        x = args[0]                                              # [B, T, n]
+        return output + x.index_select(-1, index) @ delta.to(x.dtype)  # [B, T, K] @ [K, d]
+    return hook
+
+
+@contextmanager
+def injected(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]):
+    """Within the block, the target computes as if W[idx] += delta (rows) or W[:, idx] += delta^T
+    (columns) in every layer. index: module -> [L, K]; delta: module -> [L, K, d_t]."""
+    handles = []
+    try:
+        for module, d in delta.items():
+            make = _row_hook if NEURON_AXIS[module] == 0 else _column_hook
+            for layer in range(d.shape[0]):
+                part = arch.part(layer, module)
+                idx = index[module][layer].to(part.weight.device)
+                handles.append(part.register_forward_hook(make(idx, d[layer].to(part.weight.device))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def merge_into(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    """Add the deltas into the weights for real (in float32, then back to the weight's dtype)."""
+    for module, d in delta.items():
+        axis = NEURON_AXIS[module]
+        for layer in range(d.shape[0]):
+            w = arch.weight(layer, module)
+            idx = index[module][layer].to(w.device)
+            rows = d[layer].to(device=w.device, dtype=torch.float32)  # [K, d_t]
+            edited = w.index_select(axis, idx).float() + (rows if axis == 0 else rows.T)
+            w.index_copy_(axis, idx, edited.to(w.dtype))

@@ -1,0 +1,77 @@
+"""Merge (DESIGN.md §7): translate slices with a trained hypernetwork and add them into the
+target's weights for real, writing an ordinary HF model folder."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import load_examples
+from .inject import merge_into
+from .locate import neuron_counts
+from .train import SourceSide, TrainerSide
+
+REPORT = "laten_merge.json"
+
+
+def seed_example(cfg: Config):
+    spec = cfg.merge.seed_data or cfg.data.extract
+    examples = load_examples(spec, limit=cfg.merge.seed_example + 1)
+    if cfg.merge.seed_example >= len(examples):
+        raise ValueError(f"merge.seed_example: {cfg.merge.seed_example} is past the end of {spec} "
+                         f"({len(examples)} examples)")
+    return examples[cfg.merge.seed_example]
+
+
+def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path) -> Path:
+    """Write the merged target to `out` (which must not exist yet, or be empty); returns it."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} exists and is not empty")
+    rate = rate if rate is not None else (cfg.merge.rate if cfg.merge.rate is not None else cfg.transfer.rate)
+    state = ckpt.load_checkpoint(cfg.run_dir, step)  # fails early if the run has no such step
+    example = seed_example(cfg)
+
+    source = SourceSide(cfg)
+    # TrainerSide loads the target; its optimizer is not used here.
+    trainer = TrainerSide(cfg, source.arch.shape.hidden)
+    counts = neuron_counts(trainer.arch.shape, rate, cfg.transfer.modules)
+    trainer.counts = counts
+    trainer.hypernet.load_state_dict(state["hypernet"])
+    located_source = source.locate(example, trainer.arch.shape, counts)
+    located_target = trainer.locate(example)
+    del source  # free the source before the target is written
+    with torch.no_grad():
+        deltas = trainer.hypernet(located_source.slices)  # module -> [L_t, K, d_t]
+    merge_into(trainer.arch, located_target.index, deltas)
+
+    report = {"source": cfg.source.model, "target": cfg.target.model, "run": str(cfg.run_dir),
+              "step": state["step"], "rate": rate, "seed_example": {"data": cfg.merge.seed_data
+              or cfg.data.extract, "index": cfg.merge.seed_example, "id": example.id},
+              "modules": {}}
+    for m, d in deltas.items():
+        report["modules"][m] = {"neurons_per_layer": counts[m], "layers": [
+            {"target_layer": i, "source_layer": int(located_source.layers[m][i]),
+             "target_index": located_target.index[m][i].tolist(),
+             "source_index": located_source.index[m][i].tolist(),
+             "delta_norm": float(d[i].norm())}
+            for i in range(d.shape[0])]}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        trainer.model.save_pretrained(tmp)
+        trainer.tokenizer.save_pretrained(tmp)
+        ckpt.save_json(report, tmp / REPORT)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+

@@ -1,0 +1,122 @@
+"""Loading models and tokenizers, and the built-in tiny models that need no download.
+
+A model spec is a folder (an HF model folder) or `tiny:NAME`, a small random model of a
+preset below, built once from its config with a fixed seed into the cache folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import demo
+
+# name -> (model_type, config fields). Sources are wider and deeper than targets.
+TINY = {
+    "llama-source": ("llama", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=4)),
+    "llama-target": ("llama", dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=4)),
+    "qwen2-source": ("qwen2", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=2, head_dim=16)),
+    "qwen2-target": ("qwen2", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LATEN_CACHE", Path.home() / ".cache" / "laten-ray"))
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def check_spec(spec: str) -> None:
+    """Raise a clear error for a spec that names neither a model folder nor a tiny preset."""
+    if spec.startswith("tiny:"):
+        if spec[5:] not in TINY:
+            raise ValueError(f"unknown tiny model {spec!r}; presets: {', '.join('tiny:' + n for n in TINY)}")
+    elif not is_model_folder(spec):
+        raise FileNotFoundError(f"model folder {spec!r} not found (no config.json there)")
+
+
+def resolve(spec: str) -> Path:
+    """The folder of a model spec, building a tiny preset on first use."""
+    check_spec(spec)
+    if spec.startswith("tiny:"):
+        return build_tiny(spec[5:], cache_dir() / "tiny")
+    return Path(spec)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the demo corpus (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    texts = demo.corpus() + [f"<|{r}|>\n" for r in ("user", "assistant", "system")]
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_config(name: str, vocab_size: int):
+    from transformers import AutoConfig
+    model_type, fields = TINY[name]
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=1024,
+                                tie_word_embeddings=False, **fields)
+
+
+def build_tiny(name: str, root: Path, seed: int = 0) -> Path:
+    """Build preset `name` under root (once; concurrent builders are safe) and return its folder."""
+    from transformers import AutoModelForCausalLM
+    final = root / name
+    if is_model_folder(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        tokenizer = build_tokenizer()
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, len(tokenizer)))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not is_model_folder(final):  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve(spec))
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
+    """A frozen model in eval mode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=DTYPES[dtype])
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

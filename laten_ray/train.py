@@ -1,0 +1,220 @@
+"""Train the hypernetwork (DESIGN.md §6), split into the two roles that Ray later puts on two GPUs.
+
+SourceSide: the source model; attribution + layer alignment + slices for one example.
+TrainerSide: the frozen target + hypernetwork + optimizer; target attribution, steps, checkpoints.
+`train` wires them together in one process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint as ckpt
+from .arch import Arch, Shape
+from .attribution import attribute
+from .config import Config, ConfigError
+from .data import Example, lm_batch, load_examples
+from .hypernet import HyperNet
+from .inject import injected
+from .locate import Located, locate_source, locate_target, neuron_counts
+from .models import load_model, load_tokenizer, pick_device
+
+
+def n_steps(cfg: Config, n_extract: int) -> int:
+    return cfg.train.steps if cfg.train.steps is not None else n_extract
+
+
+def one_cycle(total: int, warmup_ratio: float, start: float = 1 / 25, end: float = 1e-4):
+    """LR factor for step i: cosine rise from `start` to 1 over the warm-up, cosine fall to `end`."""
+    warm = round(total * warmup_ratio)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return start + (1 - start) * (1 - math.cos(math.pi * i / warm)) / 2
+        progress = (i - warm) / max(1, total - warm)
+        return end + (1 - end) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+    return factor
+
+
+def align_sample(n_align: int, k: int, seed: int, step: int) -> list[int]:
+    """The align examples of a step, from a generator seeded by (seed, step) alone, so a resumed
+    run draws exactly what an uninterrupted one does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n_align, generator=g)[:k].tolist()
+
+
+class SourceSide:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.source.model)
+        self.model = load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
+        self.arch = Arch(self.model)
+        self.attribution_seconds = 0.0
+
+    def locate(self, example: Example, target: Shape, counts: dict[str, int]) -> Located:
+        """Slices of the source's top neurons in its best L_t layers for one example (on CPU)."""
+        t0 = time.perf_counter()
+        scores = attribute(self.arch, self.tokenizer, [example], self.cfg.attribution.batch_size,
+                           self.cfg.attribution.chunk_mb << 20)
+        self.attribution_seconds = time.perf_counter() - t0
+        located = locate_source(self.arch, scores, target, counts)
+        located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
+        return located
+
+
+class TrainerSide:
+    def __init__(self, cfg: Config, d_source: int, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.device = pick_device(cfg.target.device)
+        self.tokenizer = load_tokenizer(cfg.target.model)
+        self.model = load_model(cfg.target.model, cfg.target.dtype, self.device)
+        self.arch = Arch(self.model)
+        self.align = load_examples(cfg.data.align)
+        self.extract = load_examples(cfg.data.extract)
+        self.total = n_steps(cfg, len(self.extract))
+        self.counts = neuron_counts(self.arch.shape, cfg.transfer.rate, cfg.transfer.modules)
+        torch.manual_seed(cfg.seed)  # the hypernetwork's init
+        self.hypernet = HyperNet(d_source, self.arch.shape.hidden, cfg.transfer.modules,
+                                 cfg.hypernet.hidden, cfg.hypernet.init_std).to(self.device)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=t.lr,
+                                           weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, one_cycle(self.total, t.warmup_ratio))
+        self.history: list[dict] = []
+        self.attribution_seconds = 0.0
+
+    def locate(self, example: Example) -> Located:
+        """The target's own top-K neurons for one example (the target is frozen, so no injection)."""
+        t0 = time.perf_counter()
+        scores = attribute(self.arch, self.tokenizer, [example], self.cfg.attribution.batch_size,
+                           self.cfg.attribution.chunk_mb << 20)
+        self.attribution_seconds = time.perf_counter() - t0
+        return locate_target(scores, self.arch.shape, self.counts)
+
+    def batch_examples(self, step: int) -> list[Example]:
+        picks = align_sample(len(self.align), self.cfg.train.align_per_step, self.cfg.seed, step)
+        return [self.extract[step % len(self.extract)]] + [self.align[i] for i in picks]
+
+    def step(self, step: int, source: Located) -> dict:
+        """One optimizer step on (extract example + align examples) with the source's slices."""
+        t0 = time.perf_counter()
+        example = self.extract[step % len(self.extract)]
+        target = self.locate(example)
+        index = {m: i.to(self.device) for m, i in target.index.items()}
+        deltas = self.hypernet(source.slices)                          # module -> [L_t, K, d_t]
+        # Deltas as leaves: the micro-batches accumulate dLoss/dDelta, then one backward
+        # through the hypernetwork, instead of one per micro-batch.
+        leaves = {m: d.detach().requires_grad_() for m, d in deltas.items()}
+        examples = self.batch_examples(step)
+        t = self.cfg
+        batches = [lm_batch(self.tokenizer, examples[i:i + t.train.micro_batch_size],
+                            t.data.max_length, t.data.train_on_inputs)
+                   for i in range(0, len(examples), t.train.micro_batch_size)]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        lm_loss = 0.0
+        with injected(self.arch, index, leaves):
+            for b in batches:
+                logits = self.model(input_ids=b["input_ids"].to(self.device),
+                                    attention_mask=b["attention_mask"].to(self.device)).logits
+                labels = b["labels"][:, 1:].to(self.device)
+                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                       ignore_index=-100, reduction="sum") / max(n_tokens, 1)
+                loss.backward()
+                lm_loss += loss.item()
+        reg = sum(t.train.reg_lambda * d.pow(2).mean() for d in deltas.values())
+        through = sum((d * leaves[m].grad).sum() for m, d in deltas.items())
+        (reg + through).backward()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": step + 1, "steps": self.total, "lm_loss": lm_loss, "reg_loss": reg.item(),
+                   "loss": lm_loss + reg.item(), "lr": lr, "tokens": n_tokens,
+                   "target_attribution_s": self.attribution_seconds,
+                   "slice_bytes": source.nbytes(), "step_s": time.perf_counter() - t0}
+        self.history.append(metrics)
+        return metrics
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state(self, step: int) -> dict:
+        return {"step": step, "config": self.cfg.to_dict(), "hypernet": self.hypernet.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def save_checkpoint(self, step: int) -> Path:
+        """After `step` completed steps: the checkpoint, then the metrics file, both atomic."""
+        path = ckpt.checkpoint_path(self.run_dir, step)
+        ckpt.save_torch(self.state(step), path)
+        ckpt.save_text("".join(f"{json.dumps(m)}\n" for m in self.history), self.run_dir / "metrics.jsonl")
+        return path
+
+    def resume(self) -> int:
+        """Load the last checkpoint of the run folder, if any; return the steps already done."""
+        steps = ckpt.checkpoint_steps(self.run_dir)
+        if not steps:
+            return 0
+        state = ckpt.load_checkpoint(self.run_dir, steps[-1])
+        self.hypernet.load_state_dict(state["hypernet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"]
+
+
+# Sections that do not change what training computes; a resumed run may differ in these.
+_FREE_SECTIONS = ("attribution", "merge")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run folder, or check that an existing one was started with the same config."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    current = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_SECTIONS}
+    if saved.is_file() and ckpt.checkpoint_steps(run_dir):
+        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        before = {k: v for k, v in before.items() if k not in _FREE_SECTIONS}
+        if before != current:
+            diff = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            raise ConfigError(f"run folder {run_dir} holds checkpoints of a different config "
+                              f"(differs in: {', '.join(diff)}); change `name` or remove the folder")
+    ckpt.save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), saved)
+    return run_dir
+
+
+def format_progress(m: dict) -> str:
+    return (f"step {m['step']}/{m['steps']}  lm_loss {m['lm_loss']:.4f}  reg {m['reg_loss']:.3e}  "
+            f"lr {m['lr']:.2e}  step {m['step_s']:.2f}s  source-attr {m.get('source_attribution_s', 0):.2f}s  "
+            f"target-attr {m['target_attribution_s']:.2f}s  slices {m['slice_bytes'] / 1e6:.2f} MB")
+
+
+def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Train in this process, resuming from the run folder's last checkpoint; returns the run folder."""
+    run_dir = prepare_run_dir(cfg)
+    source = SourceSide(cfg)
+    trainer = TrainerSide(cfg, source.arch.shape.hidden, run_dir)
+    start = trainer.resume()
+    for step in range(start, trainer.total):
+        example = trainer.extract[step % len(trainer.extract)]
+        located = source.locate(example, trainer.arch.shape, trainer.counts)
+        metrics = trainer.step(step, located)
+        metrics["source_attribution_s"] = source.attribution_seconds
+        trainer.save_checkpoint(step + 1)
+        if on_step:
+            on_step(metrics)
+    return run_dir
