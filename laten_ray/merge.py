@@ -27,6 +27,17 @@ def seed_example(cfg: Config):
     return examples[cfg.merge.seed_example]
 
 
+def plan_edit(source: SourceSide, trainer: TrainerSide, example, rate: float):
+    """Locate on `example` at `rate` on both sides and translate the source's slices:
+    (source selection, target selection, deltas {module: [L_t, K, d_t]})."""
+    trainer.counts = neuron_counts(trainer.arch.shape, rate, trainer.cfg.transfer.modules)
+    located_source = source.locate(example, trainer.arch.shape, trainer.counts)
+    located_target = trainer.locate(example)
+    with torch.no_grad():
+        deltas = trainer.hypernet(located_source.slices)
+    return located_source, located_target, deltas
+
+
 def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path) -> Path:
     """Write the merged target to `out` (which must not exist yet, or be empty); returns it."""
     out = Path(out)
@@ -39,15 +50,11 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path) ->
     source = SourceSide(cfg)
     # TrainerSide loads the target; its optimizer is not used here.
     trainer = TrainerSide(cfg, source.arch.shape.hidden)
-    counts = neuron_counts(trainer.arch.shape, rate, cfg.transfer.modules)
-    trainer.counts = counts
     trainer.hypernet.load_state_dict(state["hypernet"])
-    located_source = source.locate(example, trainer.arch.shape, counts)
-    located_target = trainer.locate(example)
+    located_source, located_target, deltas = plan_edit(source, trainer, example, rate)
     del source  # free the source before the target is written
-    with torch.no_grad():
-        deltas = trainer.hypernet(located_source.slices)  # module -> [L_t, K, d_t]
     merge_into(trainer.arch, located_target.index, deltas)
+    counts = trainer.counts
 
     report = {"source": cfg.source.model, "target": cfg.target.model, "run": str(cfg.run_dir),
               "step": state["step"], "rate": rate, "seed_example": {"data": cfg.merge.seed_data

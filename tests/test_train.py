@@ -1,0 +1,120 @@
+"""Training: checkpoints every step, exact resume after a crash, micro-batching, run-folder checks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from laten_ray import checkpoint as ckpt
+from laten_ray.config import ConfigError, config_from_dict
+from laten_ray.train import align_sample, one_cycle, train
+
+from conftest import tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def final_state(run_dir):
+    return ckpt.load_checkpoint(run_dir)
+
+
+def assert_same_hypernet(a, b):
+    assert a["step"] == b["step"]
+    for k, v in a["hypernet"].items():
+        assert torch.equal(v, b["hypernet"][k]), k
+    assert [m["lm_loss"] for m in a["history"]] == [m["lm_loss"] for m in b["history"]]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_train_writes_a_checkpoint_per_step_and_learns(tmp_path):
+    cfg = config_from_dict(tiny_config_dict("qwen2", tmp_path, steps=3))
+    run_dir = train(cfg)
+    assert ckpt.checkpoint_steps(run_dir) == [1, 2, 3]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    first, last = ckpt.load_checkpoint(run_dir, 1), ckpt.load_checkpoint(run_dir, 3)
+    moved = [not torch.equal(first["hypernet"][k], last["hypernet"][k]) for k in first["hypernet"]]
+    assert all(moved)  # every module's MLP was trained
+    assert set(first["optimizer"]["state"])  # optimizer state is in the checkpoint
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, family):
+    whole = train(config_from_dict(tiny_config_dict(family, tmp_path / "a", steps=4)))
+    cfg = config_from_dict(tiny_config_dict(family, tmp_path / "b", steps=4))
+
+    def crash_after_two(metrics):
+        if metrics["step"] == 2:
+            raise Crash
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash_after_two)
+    assert ckpt.checkpoint_steps(cfg.run_dir) == [1, 2]
+    resumed = train(cfg)
+    assert_same_hypernet(final_state(whole), final_state(resumed))
+    a, b = final_state(whole), final_state(resumed)
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
+    """A real crash: the CLI process is killed with SIGKILL once its first checkpoint exists."""
+    overrides = [f"output_dir={tmp_path}", "train.steps=12", "source.model=tiny:llama-source",
+                 "target.model=tiny:llama-target", "train.align_per_step=15"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "laten_ray.cli", "train", "--config", "configs/tiny.yaml"]
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.Popen(cmd + overrides, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.checkpoint_steps(run_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = ckpt.checkpoint_steps(run_dir)
+    assert done_at_kill and done_at_kill[-1] < 12, done_at_kill  # killed mid-run
+    subprocess.run(cmd + overrides, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    cfg = config_from_dict({**tiny_yaml(), "output_dir": str(tmp_path / "whole"),
+                            "train": {**tiny_yaml()["train"], "steps": 12}})
+    assert_same_hypernet(final_state(train(cfg)), final_state(run_dir))
+
+
+def tiny_yaml():
+    import yaml
+    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+
+def test_micro_batches_do_not_change_the_step(tmp_path):
+    one = train(config_from_dict(tiny_config_dict("llama", tmp_path / "one", steps=2, micro_batch_size=6)))
+    many = train(config_from_dict(tiny_config_dict("llama", tmp_path / "many", steps=2, micro_batch_size=1)))
+    a, b = final_state(one), final_state(many)
+    for k, v in a["hypernet"].items():
+        assert torch.allclose(v, b["hypernet"][k], atol=1e-6), k
+    assert a["history"][0]["lm_loss"] == pytest.approx(b["history"][0]["lm_loss"], rel=1e-5)
+
+
+def test_run_folder_with_another_config_is_refused(tmp_path):
+    train(config_from_dict(tiny_config_dict("llama", tmp_path, steps=1)))
+    with pytest.raises(ConfigError, match="different config.*train"):
+        train(config_from_dict(tiny_config_dict("llama", tmp_path, steps=1, lr=5e-4)))
+
+
+def test_align_sample_depends_only_on_seed_and_step():
+    assert align_sample(64, 15, 0, 3) == align_sample(64, 15, 0, 3)
+    assert align_sample(64, 15, 0, 3) != align_sample(64, 15, 0, 4)
+    assert len(set(align_sample(64, 15, 0, 3))) == 15
+
+
+def test_one_cycle_rises_then_falls():
+    f = one_cycle(10, 0.3)
+    values = [f(i) for i in range(10)]
+    peak = values.index(max(values))
+    assert peak == 3 and values[0] < 0.1 and values[-1] < values[peak]
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert one_cycle(1, 0.3)(0) == pytest.approx(1.0)  # a single step runs at the full rate
