@@ -144,8 +144,9 @@ def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tens
     return out
 
 
-def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
-    """Scores summed over the captured examples, one layer at a time."""
+def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
+    """Scores of each captured example, one layer at a time; every per-layer projection is
+    computed once and shared by all B examples."""
     s = arch.shape
     head, norm = arch.lm_head().weight, arch.final_norm().weight
     unembed = head.float() * norm.float()[None, :]  # [V, d]: W_U diag(g)
@@ -156,26 +157,43 @@ def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
         B = h_in.shape[0]
         lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), cap.r.repeat(3), cap.w.repeat(3))
         lp_in, lp_mid, lp_out = lp.view(3, B)
-        layer_attn.append((lp_mid - lp_in).sum())
-        layer_ffn.append((lp_out - lp_mid).sum())
+        layer_attn.append(lp_mid - lp_in)  # [B]
+        layer_ffn.append(lp_out - lp_mid)  # [B]
         w_down = arch.weight(i, "down").float()  # [d, f]
         w_o = arch.weight(i, "o").float()        # [d, A]
-        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.c[:, i], cap.r, cap.w, budget_bytes).sum(0))
-        attn.append(neuron_scores(unembed, w_o, h_in, cap.z[:, i], cap.r, cap.w, budget_bytes).sum(0))
-    return Scores(layer_attn=torch.stack(layer_attn).cpu(), layer_ffn=torch.stack(layer_ffn).cpu(),
-                  ffn=torch.stack(ffn).cpu(), attn=torch.stack(attn).cpu(), n_examples=cap.r.shape[0])
+        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.c[:, i], cap.r, cap.w, budget_bytes))
+        attn.append(neuron_scores(unembed, w_o, h_in, cap.z[:, i], cap.r, cap.w, budget_bytes))
+    stacked = [torch.stack(t, dim=1).cpu() for t in (layer_attn, layer_ffn, ffn, attn)]  # [B, L, ...]
+    return [Scores(*(t[b] for t in stacked), n_examples=1) for b in range(cap.r.shape[0])]
 
 
-def attribute(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
-              budget_bytes: int = 256 << 20, group: int = 64) -> Scores:
-    """Scores of `examples`, summed. Forward passes go `batch_size` examples at a time; each
-    per-layer projection is computed once per `group` examples and shared by all of them."""
-    total = None
+def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
+    """Scores summed over the captured examples."""
+    return _sum(score_each(arch, cap, budget_bytes))
+
+
+def _sum(scores: list[Scores]) -> Scores:
+    total = scores[0]
+    for s in scores[1:]:
+        total = total + s
+    return total
+
+
+def attribute_each(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
+                   budget_bytes: int = 256 << 20, group: int = 64) -> list[Scores]:
+    """Scores of each example. Forward passes go `batch_size` examples at a time; each per-layer
+    projection is computed once per `group` examples and shared by all of them."""
+    out = []
     for g0 in range(0, len(examples), group):
         chunk = examples[g0:g0 + group]
         parts = [capture(arch, attribution_batch(tokenizer, chunk[i:i + batch_size]))
                  for i in range(0, len(chunk), batch_size)]
         with torch.inference_mode():
-            scores = score_captured(arch, Captured.cat(parts), budget_bytes)
-        total = scores if total is None else total + scores
-    return total
+            out += score_each(arch, Captured.cat(parts), budget_bytes)
+    return out
+
+
+def attribute(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
+              budget_bytes: int = 256 << 20, group: int = 64) -> Scores:
+    """Scores of `examples`, summed (see attribute_each)."""
+    return _sum(attribute_each(arch, tokenizer, examples, batch_size, budget_bytes, group))

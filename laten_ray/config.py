@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -9,13 +10,29 @@ from pathlib import Path
 
 import yaml
 
-from .arch import MODULES
+from .arch import MODULES, shape_of
 from .demo import SPLITS
-from .models import DTYPES, check_spec
+from .locate import neuron_counts
+from .models import DTYPES, check_spec, read_model_config
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; here it is a float, as a person means it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -145,7 +162,7 @@ def _set_override(tree: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {k!r} is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
 
@@ -156,7 +173,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
@@ -238,3 +255,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    check_models_fit(cfg)
+
+
+def check_models_fit(cfg: Config) -> None:
+    """From the two config.json files alone (no weights): supported families, the same
+    vocabulary, a source at least as deep as the target, and enough source neurons for K."""
+    shapes = {}
+    for role in ("source", "target"):
+        try:
+            shapes[role] = shape_of(read_model_config(getattr(cfg, role).model))
+        except ValueError as e:
+            raise ConfigError(f"{role}.model: {e}") from None
+    src, tgt = shapes["source"], shapes["target"]
+    if src.vocab != tgt.vocab:
+        raise ConfigError(f"source.model: vocabulary size {src.vocab} differs from the target's "
+                          f"{tgt.vocab}; LaTen needs models of one family and tokenizer")
+    if src.n_layers < tgt.n_layers:
+        raise ConfigError(f"source.model: {src.n_layers} layers, fewer than the target's {tgt.n_layers}")
+    for key, rate in (("transfer.rate", cfg.transfer.rate), ("merge.rate", cfg.merge.rate)):
+        if rate is None:
+            continue
+        for module, k in neuron_counts(tgt, rate, cfg.transfer.modules).items():
+            if k > src.neurons(module):
+                raise ConfigError(f"{key}: {rate} asks for K={k} {module} neurons per layer but the "
+                                  f"source has {src.neurons(module)}; lower the rate")

@@ -30,9 +30,15 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
+    if limit is not None and limit < 1:
+        raise DataError(f"{path}: limit must be at least 1, got {limit}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not valid UTF-8") from None
             if not line.strip():
                 continue
             examples.append(_parse_line(line, f"{path}:{number}"))

@@ -31,8 +31,8 @@ def plan_edit(source: SourceSide, trainer: TrainerSide, example, rate: float):
     """Locate on `example` at `rate` on both sides and translate the source's slices:
     (source selection, target selection, deltas {module: [L_t, K, d_t]})."""
     trainer.counts = neuron_counts(trainer.arch.shape, rate, trainer.cfg.transfer.modules)
-    located_source = source.locate(example, trainer.arch.shape, trainer.counts)
-    located_target = trainer.locate(example)
+    (located_source,) = source.locate([example], trainer.arch.shape, trainer.counts)
+    (located_target,) = trainer.locate([example])
     with torch.no_grad():
         deltas = trainer.hypernet(located_source.slices)
     return located_source, located_target, deltas

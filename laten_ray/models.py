@@ -25,6 +25,7 @@ TINY = {
     "qwen2-target": ("qwen2", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
 }
+TINY_VOCAB = 512  # the tiny tokenizer's size; every tiny model's vocabulary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +54,15 @@ def resolve(spec: str) -> Path:
     return Path(spec)
 
 
+def read_model_config(spec: str):
+    """The HF config of a spec, without loading or building any weights."""
+    from transformers import AutoConfig
+    check_spec(spec)
+    if spec.startswith("tiny:"):
+        return tiny_config(spec[5:], vocab_size=TINY_VOCAB)
+    return AutoConfig.from_pretrained(spec)
+
+
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on the demo corpus (deterministic, offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -61,7 +71,7 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     texts = demo.corpus() + [f"<|{r}|>\n" for r in ("user", "assistant", "system")]
@@ -90,7 +100,8 @@ def build_tiny(name: str, root: Path, seed: int = 0) -> Path:
     try:
         tokenizer = build_tokenizer()
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(name, len(tokenizer)))
+        assert len(tokenizer) == TINY_VOCAB, len(tokenizer)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, TINY_VOCAB))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:

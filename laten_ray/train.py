@@ -19,7 +19,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from .arch import Arch, Shape
-from .attribution import attribute
+from .attribution import attribute_each
 from .config import Config, ConfigError
 from .data import Example, lm_batch, load_examples
 from .hypernet import HyperNet
@@ -51,32 +51,47 @@ def align_sample(n_align: int, k: int, seed: int, step: int) -> list[int]:
     return torch.randperm(n_align, generator=g)[:k].tolist()
 
 
+def group_of(i: int, n: int, size: int) -> range:
+    """The aligned group of `size` consecutive items (of n) that item i is attributed with.
+    Batching changes scores in the last float bits, which can swap near-tied neurons; fixed
+    groups make every run (resumed, or on Ray) attribute exactly the same batches."""
+    first = i - i % size
+    return range(first, min(first + size, n))
+
+
 class SourceSide:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, model=None, tokenizer=None):
+        """Loads cfg.source unless an already built model and tokenizer are given."""
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.source.model)
-        self.model = load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
+        self.tokenizer = tokenizer or load_tokenizer(cfg.source.model)
+        self.model = model or load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
         self.arch = Arch(self.model)
         self.attribution_seconds = 0.0
 
-    def locate(self, example: Example, target: Shape, counts: dict[str, int]) -> Located:
-        """Slices of the source's top neurons in its best L_t layers for one example (on CPU)."""
+    def locate(self, examples: list[Example], target: Shape, counts: dict[str, int]) -> list[Located]:
+        """For each example: slices of the source's top neurons in its best L_t layers (on CPU).
+        The examples share each per-layer projection, so a batch costs little more than one."""
         t0 = time.perf_counter()
-        scores = attribute(self.arch, self.tokenizer, [example], self.cfg.attribution.batch_size,
-                           self.cfg.attribution.chunk_mb << 20)
-        self.attribution_seconds = time.perf_counter() - t0
-        located = locate_source(self.arch, scores, target, counts)
-        located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
-        return located
+        each = attribute_each(self.arch, self.tokenizer, examples, self.cfg.attribution.batch_size,
+                              self.cfg.attribution.chunk_mb << 20)
+        self.attribution_seconds += time.perf_counter() - t0
+        out = []
+        for scores in each:
+            located = locate_source(self.arch, scores, target, counts)
+            located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
+            out.append(located)
+        return out
 
 
 class TrainerSide:
-    def __init__(self, cfg: Config, d_source: int, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, d_source: int, run_dir: Path | None = None, model=None,
+                 tokenizer=None):
+        """Loads cfg.target unless an already built model and tokenizer are given."""
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.run_dir)
-        self.device = pick_device(cfg.target.device)
-        self.tokenizer = load_tokenizer(cfg.target.model)
-        self.model = load_model(cfg.target.model, cfg.target.dtype, self.device)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.target.model)
+        self.model = model or load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+        self.device = self.model.device
         self.arch = Arch(self.model)
         self.align = load_examples(cfg.data.align)
         self.extract = load_examples(cfg.data.extract)
@@ -91,15 +106,26 @@ class TrainerSide:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, one_cycle(self.total, t.warmup_ratio))
         self.history: list[dict] = []
-        self.attribution_seconds = 0.0
+        self.selections: dict[int, Located] = {}  # extract index -> the target's selection
+        self.attribution_seconds = 0.0  # since the last step's metrics
 
-    def locate(self, example: Example) -> Located:
-        """The target's own top-K neurons for one example (the target is frozen, so no injection)."""
+    def locate(self, examples: list[Example]) -> list[Located]:
+        """The target's own top-K neurons for each example (the target is frozen: no injection)."""
         t0 = time.perf_counter()
-        scores = attribute(self.arch, self.tokenizer, [example], self.cfg.attribution.batch_size,
-                           self.cfg.attribution.chunk_mb << 20)
-        self.attribution_seconds = time.perf_counter() - t0
-        return locate_target(scores, self.arch.shape, self.counts)
+        each = attribute_each(self.arch, self.tokenizer, examples, self.cfg.attribution.batch_size,
+                              self.cfg.attribution.chunk_mb << 20)
+        self.attribution_seconds += time.perf_counter() - t0
+        return [locate_target(scores, self.arch.shape, self.counts) for scores in each]
+
+    def prepare(self, step: int) -> None:
+        """Select the target neurons of the extract examples in `step`'s group in one batched
+        pass. The target is frozen, so a selection never changes and is kept."""
+        i = step % len(self.extract)
+        if i in self.selections:
+            return
+        members = group_of(i, len(self.extract), self.cfg.attribution.batch_size)
+        for j, located in zip(members, self.locate([self.extract[j] for j in members])):
+            self.selections[j] = located
 
     def batch_examples(self, step: int) -> list[Example]:
         picks = align_sample(len(self.align), self.cfg.train.align_per_step, self.cfg.seed, step)
@@ -108,8 +134,8 @@ class TrainerSide:
     def step(self, step: int, source: Located) -> dict:
         """One optimizer step on (extract example + align examples) with the source's slices."""
         t0 = time.perf_counter()
-        example = self.extract[step % len(self.extract)]
-        target = self.locate(example)
+        self.prepare(step)
+        target = self.selections[step % len(self.extract)]
         index = {m: i.to(self.device) for m, i in target.index.items()}
         deltas = self.hypernet(source.slices)                          # module -> [L_t, K, d_t]
         # Deltas as leaves: the micro-batches accumulate dLoss/dDelta, then one backward
@@ -142,6 +168,7 @@ class TrainerSide:
                    "loss": lm_loss + reg.item(), "lr": lr, "tokens": n_tokens,
                    "target_attribution_s": self.attribution_seconds,
                    "slice_bytes": source.nbytes(), "step_s": time.perf_counter() - t0}
+        self.attribution_seconds = 0.0
         self.history.append(metrics)
         return metrics
 
@@ -209,12 +236,18 @@ def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
     source = SourceSide(cfg)
     trainer = TrainerSide(cfg, source.arch.shape.hidden, run_dir)
     start = trainer.resume()
-    for step in range(start, trainer.total):
-        example = trainer.extract[step % len(trainer.extract)]
-        located = source.locate(example, trainer.arch.shape, trainer.counts)
-        metrics = trainer.step(step, located)
-        metrics["source_attribution_s"] = source.attribution_seconds
-        trainer.save_checkpoint(step + 1)
-        if on_step:
-            on_step(metrics)
+    group = cfg.attribution.batch_size
+    for first in range(start - start % group, trainer.total, group):
+        steps = group_of(first, trainer.total, group)
+        located = source.locate([trainer.extract[s % len(trainer.extract)] for s in steps],
+                                trainer.arch.shape, trainer.counts)
+        for step, slices in zip(steps, located):
+            if step < start:
+                continue  # done before a resume; its group is recomputed whole (see group_of)
+            trainer.prepare(step)
+            metrics = trainer.step(step, slices)
+            metrics["source_attribution_s"], source.attribution_seconds = source.attribution_seconds, 0.0
+            trainer.save_checkpoint(step + 1)
+            if on_step:
+                on_step(metrics)
     return run_dir

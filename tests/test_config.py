@@ -71,10 +71,12 @@ def test_nested_float_override():
     assert load("transfer.rate=1").transfer.rate == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4', so "
-                   "the override example of `laten train --help` is rejected")
-def test_exponent_without_a_dot_is_a_float():
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 would read 1e-4 as a string; in overrides and in files it is a float."""
     assert load("train.lr=1e-4").train.lr == 1e-4
+    path = tmp_path / "c.yaml"
+    path.write_text(TINY_YAML.read_text().replace("lr: 3.0e-5", "lr: 3e-5"))
+    assert load_config(path).train.lr == 3e-5
 
 
 def test_list_override():
@@ -235,3 +237,21 @@ def test_unsupported_family_lists_the_supported_ones():
         family_of(transformers.GPT2Config())
     for model_type in ("llama", "mistral", "qwen2"):
         family_of(transformers.AutoConfig.for_model(model_type))
+
+
+def test_rate_too_high_for_the_source_fails_at_load_time():
+    """Checked from config.json alone, before any weights load."""
+    message = config_error("source.model=tiny:qwen2-source", "target.model=tiny:qwen2-target",
+                           "transfer.rate=0.9")
+    assert "transfer.rate: 0.9 asks for K=43 v neurons per layer but the source has 32" in message
+
+
+def test_source_shallower_than_target_fails_at_load_time():
+    message = config_error("source.model=tiny:llama-target", "target.model=tiny:llama-source")
+    assert "source.model: 4 layers, fewer than the target's 6" in message
+
+
+def test_unsupported_model_folder_fails_at_load_time(tmp_path):
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=512).save_pretrained(tmp_path)
+    message = config_error(f"source.model={tmp_path}")
+    assert "source.model: unsupported architecture 'gpt2'" in message

@@ -208,3 +208,19 @@ def test_lm_batch_respects_max_length(tok):
     assert batch["input_ids"].shape == (2, 6)
     assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 6]
     assert batch["labels"].tolist() == batch["input_ids"].tolist()
+
+
+def test_bad_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    path.write_bytes(good.encode() + b'{"messages": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8"):
+        read_examples(path)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_is_refused(tmp_path, limit):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(DataError, match="limit must be at least 1"):
+        read_examples(path, limit=limit)
