@@ -49,7 +49,7 @@ def _merge(args) -> None:
     from .merge import merge
 
     cfg = load_config(args.config, args.overrides)
-    out = merge(cfg, args.step, args.rate, args.out)
+    out = merge(cfg, args.step, args.rate, args.out, overwrite=args.overwrite)
     print(f"merged model: {out}")
 
 
@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     m.add_argument("--rate", type=float, default=None, help="transfer rate (default: the config's)")
     m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true", help="replace an earlier merged folder at --out")
     m.add_argument("overrides", nargs="*", help="key=value")
     m.set_defaults(run=_merge)
     return p

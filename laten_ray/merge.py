@@ -38,11 +38,17 @@ def plan_edit(source: SourceSide, trainer: TrainerSide, example, rate: float):
     return located_source, located_target, deltas
 
 
-def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path) -> Path:
-    """Write the merged target to `out` (which must not exist yet, or be empty); returns it."""
+def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
+          overwrite: bool = False) -> Path:
+    """Write the merged target to `out` and return it. `out` must not exist or be empty, unless
+    `overwrite`, which replaces an earlier merge only once the new folder is complete."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} exists and is not empty")
+        if not overwrite:
+            raise FileExistsError(f"output folder {out} exists and is not empty (--overwrite replaces it)")
+        if not (out / REPORT).is_file():
+            raise FileExistsError(f"output folder {out} is not a merged model (no {REPORT}); "
+                                  "refusing to overwrite it")
     rate = rate if rate is not None else (cfg.merge.rate if cfg.merge.rate is not None else cfg.transfer.rate)
     state = ckpt.load_checkpoint(cfg.run_dir, step)  # fails early if the run has no such step
     example = seed_example(cfg)
@@ -75,8 +81,13 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path) ->
         trainer.tokenizer.save_pretrained(tmp)
         ckpt.save_json(report, tmp / REPORT)
         if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)  # an earlier merge (checked above) or an empty folder
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

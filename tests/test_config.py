@@ -255,3 +255,16 @@ def test_unsupported_model_folder_fails_at_load_time(tmp_path):
     transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=512).save_pretrained(tmp_path)
     message = config_error(f"source.model={tmp_path}")
     assert "source.model: unsupported architecture 'gpt2'" in message
+
+
+@pytest.mark.parametrize("task", ["gsm", "mmlu", "humaneval", "mbpp"])
+def test_task_configs_load_once_models_and_data_are_given(task):
+    path = TINY_YAML.parent / f"{task}.yaml"
+    # as shipped they name Llama-2 folders this machine lacks: a clear error, before any load
+    with pytest.raises(ConfigError, match=r"source\.model: model folder .*Llama-2-13b"):
+        load_config(path)
+    cfg = load_config(path, ["source.model=tiny:llama-source", "target.model=tiny:llama-target",
+                             "data.align=demo:align", "data.extract=demo:extract"])
+    assert cfg.transfer.rate == 0.1 and cfg.data.max_length == 1024
+    assert cfg.source.dtype == "bfloat16" and cfg.train.reg_lambda == 1000.0
+    assert cfg.data.train_on_inputs is (task == "mmlu")

@@ -69,3 +69,20 @@ def test_merge_refuses_a_non_empty_output_and_a_missing_step(tmp_path):
     with pytest.raises(FileNotFoundError, match="step 7"):
         merge(cfg, step=7, rate=None, out=tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_merge(tmp_path):
+    cfg = config_from_dict(tiny_config_dict("llama", tmp_path, steps=1))
+    train(cfg)
+    out = merge(cfg, step=1, rate=0.1, out=tmp_path / "merged")
+    first = json.loads((out / REPORT).read_text())
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        merge(cfg, step=1, rate=0.2, out=out)
+    merge(cfg, step=1, rate=0.2, out=out, overwrite=True)
+    assert json.loads((out / REPORT).read_text())["rate"] == 0.2 != first["rate"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a merged model"):
+        merge(cfg, step=1, rate=0.2, out=tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
