@@ -71,10 +71,9 @@ def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
     def at_last(x: torch.Tensor) -> torch.Tensor:
         return x[rows, last].float()  # [B, T, n] -> [B, n]
 
-    def keep(name, layer, from_input: bool):
-        def hook(module, args, kwargs, output=None):
-            x = (args[0] if args else kwargs["hidden_states"]) if from_input else output
-            store[name][layer] = at_last(x[0] if isinstance(x, tuple) else x)
+    def keep_layer_input(layer):
+        def hook(module, args, kwargs):
+            store["h_in"][layer] = at_last(args[0] if args else kwargs["hidden_states"])
         return hook
 
     def keep_in_out(in_name, out_name, layer):
@@ -88,7 +87,7 @@ def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
 
     handles = [arch.final_norm().register_forward_pre_hook(keep_final, with_kwargs=True)]
     for i in range(L):
-        handles.append(arch.layers[i].register_forward_pre_hook(keep("h_in", i, True), with_kwargs=True))
+        handles.append(arch.layers[i].register_forward_pre_hook(keep_layer_input(i), with_kwargs=True))
         handles.append(arch.part(i, "o").register_forward_hook(keep_in_out("z", "a", i)))
         handles.append(arch.part(i, "down").register_forward_hook(keep_in_out("c", "m", i)))
     try:
