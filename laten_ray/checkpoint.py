@@ -59,4 +59,4 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> dict:
         step = steps[-1]
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} under {run_dir}; have {steps}")
-    return torch.load(checkpoint_path(run_dir, step), map_location="cpu", weights_only=False)
+    return torch.load(checkpoint_path(run_dir, step), map_location="cpu", weights_only=True)
