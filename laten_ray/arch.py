@@ -17,7 +17,9 @@ NEURON_AXIS = {"up": 0, "down": 1, "v": 0, "o": 1, "gate": 0, "q": 0, "k": 0}
 
 @dataclass(frozen=True)
 class Family:
-    """Dotted paths of a family's parts; `layers` is relative to the model, the rest to a layer."""
+    """Dotted paths of a family's parts: `base` (the decoder without lm_head, ending in the final
+    norm), `layers`, `final_norm` and `lm_head` are relative to the model, the rest to a layer."""
+    base: str = "model"
     layers: str = "model.layers"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
@@ -105,6 +107,9 @@ class Arch:
     def part(self, layer: int, name: str) -> nn.Module:
         """`name` is a field of Family relative to a layer (up, down, v, o, attn, mlp, ...)."""
         return get(self.layers[layer], getattr(self.family, name))
+
+    def base(self) -> nn.Module:
+        return get(self.model, self.family.base)
 
     def final_norm(self) -> nn.Module:
         return get(self.model, self.family.final_norm)

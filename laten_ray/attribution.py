@@ -102,12 +102,15 @@ def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
     return Captured(**stacked, r=r, w=batch["target"].to(device))
 
 
-def chunk_sizes(vocab: int, batch: int, n: int, budget_bytes: int) -> tuple[int, int]:
-    """Neuron and vocabulary chunk so that a P chunk [nc, V] and a logits block [B, nc, vc] each
-    take about half the budget (float32)."""
+CPU_BLOCK_BYTES = 4 << 20  # on CPU the logits blocks stay cache-sized: bandwidth-bound otherwise
+
+
+def chunk_sizes(vocab: int, batch: int, n: int, budget_bytes: int, block_bytes: int) -> tuple[int, int]:
+    """Neuron chunk nc so that a projection chunk [nc, V] takes half the budget, and vocabulary
+    chunk vc so that a logits block [B, nc, vc] takes at most `block_bytes` (float32)."""
     half = max(budget_bytes // 2, 1 << 20)
     nc = max(1, min(n, half // (4 * vocab)))
-    vc = max(1, min(vocab, half // (4 * batch * nc)))
+    vc = max(1, min(vocab, min(block_bytes, half) // (4 * batch * nc)))
     return nc, vc
 
 
@@ -130,14 +133,17 @@ def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tens
     base_lse = torch.logsumexp(base_logits, dim=-1, keepdim=True)  # [B, 1]
     alpha = coef / r[:, None]                                      # [B, n]
     out = torch.empty(B, n, dtype=torch.float32, device=base.device)
-    nc, vc = chunk_sizes(V, B, n, budget_bytes)
+    block_bytes = budget_bytes if base.is_cuda else CPU_BLOCK_BYTES
+    nc, vc = chunk_sizes(V, B, n, budget_bytes, block_bytes)
     for n0 in range(0, n, nc):
         proj = vectors[:, n0:n0 + nc].T @ unembed.T                # [nc, V]: P^T for this chunk
         a = alpha[:, n0:n0 + nc, None]                             # [B, nc, 1]
         lse = torch.full(a.shape[:2], float("-inf"), device=base.device)  # [B, nc]
         for v0 in range(0, V, vc):
             block = torch.addcmul(base_logits[:, None, v0:v0 + vc], a, proj[None, :, v0:v0 + vc])
-            lse = torch.logaddexp(lse, torch.logsumexp(block, dim=-1))  # block [B, nc, vc]
+            top = block.amax(dim=-1, keepdim=True)                 # [B, nc, 1]
+            part = block.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])  # in place: no copies
+            lse = torch.logaddexp(lse, part)                       # block [B, nc, vc]
         gain = a[..., 0] * proj[:, w].T                            # [B, nc]: alpha * P[w, k]
         out[:, n0:n0 + nc] = gain - (lse - base_lse)
     return out
@@ -148,7 +154,7 @@ def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
     computed once and shared by all B examples."""
     s = arch.shape
     head, norm = arch.lm_head().weight, arch.final_norm().weight
-    unembed = head.float() * norm.float()[None, :]  # [V, d]: W_U diag(g)
+    unembed = head.to(torch.float32, copy=True).mul_(norm.float())  # [V, d]: W_U diag(g), one copy
     layer_attn, layer_ffn, ffn, attn = [], [], [], []
     for i in range(s.n_layers):
         h_in, a, m = cap.h_in[:, i], cap.a[:, i], cap.m[:, i]  # each [B, d]

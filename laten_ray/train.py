@@ -51,6 +51,40 @@ def align_sample(n_align: int, k: int, seed: int, step: int) -> list[int]:
     return torch.randperm(n_align, generator=g)[:k].tolist()
 
 
+def answer_loss(arch: Arch, batch: dict, n_tokens: int, base=None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions, divided by n_tokens (the
+    labelled tokens of the whole step, so micro-batching does not change the step). The
+    unembedding runs at labelled positions only: [N, V] logits, not [B, T, V].
+    `base` replaces the decoder call (e.g. a functional call with other weights)."""
+    device = arch.lm_head().weight.device
+    hidden = (base or arch.base())(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    labels = batch["labels"][:, 1:].to(device)                 # [B, T-1]: token t+1 is read at t
+    keep = labels != -100
+    logits = arch.lm_head()(hidden[:, :-1][keep]).float()     # [N, V]
+    return F.cross_entropy(logits, labels[keep], reduction="sum") / max(n_tokens, 1)
+
+
+def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_loss,
+                      reg_lambda: float) -> tuple[float, float]:
+    """Gradients of LM loss + reg_lambda * mean(delta^2) per module into the hypernetwork.
+
+    The deltas are computed once; each micro-batch's `micro_loss(leaves, batch)` sees them as
+    leaf tensors and accumulates dLoss/dDelta there, then one backward goes through the
+    hypernetwork instead of one per micro-batch. Returns (lm loss, reg loss)."""
+    deltas = hypernet(slices)                                   # module -> [L_t, K, d_t]
+    leaves = {m: d.detach().requires_grad_() for m, d in deltas.items()}
+    lm_loss = 0.0
+    for batch in batches:
+        loss = micro_loss(leaves, batch)
+        loss.backward()
+        lm_loss += loss.item()
+    reg = sum(reg_lambda * d.pow(2).mean() for d in deltas.values())
+    through = sum((d * leaves[m].grad).sum() for m, d in deltas.items())
+    (reg + through).backward()
+    return lm_loss, reg.item()
+
+
 def group_of(i: int, n: int, size: int) -> range:
     """The aligned group of `size` consecutive items (of n) that item i is attributed with.
     Batching changes scores in the last float bits, which can swap near-tied neurons; fixed
@@ -137,35 +171,24 @@ class TrainerSide:
         self.prepare(step)
         target = self.selections[step % len(self.extract)]
         index = {m: i.to(self.device) for m, i in target.index.items()}
-        deltas = self.hypernet(source.slices)                          # module -> [L_t, K, d_t]
-        # Deltas as leaves: the micro-batches accumulate dLoss/dDelta, then one backward
-        # through the hypernetwork, instead of one per micro-batch.
-        leaves = {m: d.detach().requires_grad_() for m, d in deltas.items()}
         examples = self.batch_examples(step)
         t = self.cfg
         batches = [lm_batch(self.tokenizer, examples[i:i + t.train.micro_batch_size],
                             t.data.max_length, t.data.train_on_inputs)
                    for i in range(0, len(examples), t.train.micro_batch_size)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        lm_loss = 0.0
-        with injected(self.arch, index, leaves):
-            for b in batches:
-                logits = self.model(input_ids=b["input_ids"].to(self.device),
-                                    attention_mask=b["attention_mask"].to(self.device)).logits
-                labels = b["labels"][:, 1:].to(self.device)
-                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                       ignore_index=-100, reduction="sum") / max(n_tokens, 1)
-                loss.backward()
-                lm_loss += loss.item()
-        reg = sum(t.train.reg_lambda * d.pow(2).mean() for d in deltas.values())
-        through = sum((d * leaves[m].grad).sum() for m, d in deltas.items())
-        (reg + through).backward()
+
+        def micro_loss(leaves, batch):
+            with injected(self.arch, index, leaves):
+                return answer_loss(self.arch, batch, n_tokens)
+        lm_loss, reg = hypernet_backward(self.hypernet, source.slices, batches, micro_loss,
+                                         t.train.reg_lambda)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": step + 1, "steps": self.total, "lm_loss": lm_loss, "reg_loss": reg.item(),
-                   "loss": lm_loss + reg.item(), "lr": lr, "tokens": n_tokens,
+        metrics = {"step": step + 1, "steps": self.total, "lm_loss": lm_loss, "reg_loss": reg,
+                   "loss": lm_loss + reg, "lr": lr, "tokens": n_tokens,
                    "target_attribution_s": self.attribution_seconds,
                    "slice_bytes": source.nbytes(), "step_s": time.perf_counter() - t0}
         self.attribution_seconds = 0.0

@@ -1,0 +1,282 @@
+"""Benchmark: batched exact attribution vs per-example projection vs the literal per-neuron loop.
+
+    python bench/attribution.py                 # all parts (the Qwen-shaped part takes minutes)
+    python bench/attribution.py --skip-qwen     # only the Llama comparison
+
+Llama part: a random Llama (hidden 1024, FFN 2816, 8 layers, 16 heads, vocab 32000, fp32) scores
+the same examples three ways:
+  batched       laten_ray.attribution.attribute: one projection W_U diag(g) W per layer, shared
+                by the whole batch
+  per-example   the same exact math, but capture + score_captured once per example, so the
+                projection is recomputed for every example (timed in full)
+  per-neuron    reference.attribute_per_neuron's literal loop (one full unembedding matvec per
+                neuron); timed on a sample of neurons of the first example and extrapolated
+Qwen part: peak RSS of `attribute` on a Qwen2.5-1.5B-shaped random model (bf16), in a fresh
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/rss.py
+from laten_ray.arch import Arch
+from laten_ray.attribution import Scores, attribute, capture, score_captured
+from laten_ray.data import attribution_batch, attribution_ids, load_examples
+from laten_ray.models import build_tokenizer
+from laten_ray.reference import _trace
+
+GiB = 1 << 30
+
+
+# --- models -------------------------------------------------------------------------------------
+def llama_model(args) -> torch.nn.Module:
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=1024, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+
+
+def qwen_model() -> torch.nn.Module:
+    """Qwen2.5-1.5B's shape with random weights, built directly in bfloat16."""
+    cfg = AutoConfig.for_model(
+        "qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
+
+
+def first_layers(arch: Arch, n: int) -> Arch:
+    """A view of `arch` whose attribution hooks and scores cover only its first n layers (the
+    forward pass still runs the whole model). Used to shorten the Qwen run."""
+    view = copy.copy(arch)
+    view.shape = dataclasses.replace(arch.shape, n_layers=n)
+    return view
+
+
+# --- the three ways to score --------------------------------------------------------------------
+@torch.inference_mode()
+def per_example_projection(arch: Arch, tokenizer, examples, budget_bytes: int) -> tuple[Scores, Scores]:
+    """Exact scores with the projection recomputed per example. Returns (sum, first example's)."""
+    total, first = None, None
+    for example in examples:
+        scores = score_captured(arch, capture(arch, attribution_batch(tokenizer, [example])), budget_bytes)
+        first = scores if first is None else first
+        total = scores if total is None else total + scores
+    return total, first
+
+
+@torch.inference_mode()
+def per_neuron_sample(arch: Arch, tokenizer, example, ffn_idx: torch.Tensor, attn_idx: torch.Tensor) -> dict:
+    """reference.attribute_per_neuron for one example, restricted to sampled neurons.
+
+    ffn_idx [L, nf], attn_idx [L, na] -> scores at those neurons, layer scores, and the time of
+    the fixed part (trace, per-layer bases) and of the FFN / attention neuron loops."""
+    s = arch.shape
+    t0 = time.perf_counter()
+    head = arch.lm_head().weight.float()  # [V, d]
+    g = arch.final_norm().weight.float()  # [d]
+    ids, w = attribution_ids(tokenizer, example)
+    got = _trace(arch, ids)
+    r = torch.sqrt(got["final"].pow(2).mean() + s.eps)
+
+    def log_p(y: torch.Tensor) -> float:
+        return torch.log_softmax(head @ (g * y / r), dim=-1)[w].item()
+
+    L = s.n_layers
+    ffn, attn = torch.zeros(ffn_idx.shape), torch.zeros(attn_idx.shape)  # [L, nf], [L, na]
+    layer_attn, layer_ffn = torch.zeros(L), torch.zeros(L)
+    t_fixed, t_ffn, t_attn = time.perf_counter() - t0, 0.0, 0.0
+    for i in range(L):
+        t0 = time.perf_counter()
+        h_in = got["h"][i]
+        h_mid = h_in + got["a"][i]
+        m = arch.part(i, "down")(got["c"][i].to(arch.weight(i, "down").dtype)).float()
+        base_in, base_mid = log_p(h_in), log_p(h_mid)
+        layer_attn[i] = base_mid - base_in
+        layer_ffn[i] = log_p(h_mid + m) - base_mid
+        w_down, w_o = arch.weight(i, "down").float(), arch.weight(i, "o").float()
+        t1 = time.perf_counter()
+        for j, k in enumerate(ffn_idx[i].tolist()):
+            ffn[i, j] = log_p(h_mid + got["c"][i][k] * w_down[:, k]) - base_mid
+        t2 = time.perf_counter()
+        for j, k in enumerate(attn_idx[i].tolist()):
+            attn[i, j] = log_p(h_in + got["z"][i][k] * w_o[:, k]) - base_in
+        t3 = time.perf_counter()
+        t_fixed, t_ffn, t_attn = t_fixed + t1 - t0, t_ffn + t2 - t1, t_attn + t3 - t2
+    return dict(ffn=ffn, attn=attn, layer_attn=layer_attn, layer_ffn=layer_ffn,
+                t_fixed=t_fixed, t_ffn=t_ffn, t_attn=t_attn)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# --- Llama comparison ---------------------------------------------------------------------------
+def llama_part(args, tokenizer, examples) -> None:
+    t0 = time.perf_counter()
+    model = llama_model(args)
+    arch = Arch(model)
+    s = arch.shape
+    budget = args.chunk_mb << 20
+    print(f"Llama: hidden {s.hidden}, FFN {s.ffn}, {s.n_layers} layers, {s.n_heads} heads, vocab {s.vocab}, "
+          f"fp32; {len(examples)} examples; built in {time.perf_counter() - t0:.1f}s; "
+          f"{torch.get_num_threads()} thread(s)")
+
+    print("timing batched attribute ...", flush=True)
+    t0 = time.perf_counter()
+    batched = attribute(arch, tokenizer, examples, batch_size=args.batch_size, budget_bytes=budget)
+    t_batched = time.perf_counter() - t0
+
+    print("timing per-example projection ...", flush=True)
+    t0 = time.perf_counter()
+    per_example, first = per_example_projection(arch, tokenizer, examples, budget)
+    t_per_example = time.perf_counter() - t0
+
+    print("timing sampled per-neuron loop ...", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    nf, na = min(args.sample_ffn, s.ffn), min(args.sample_attn, s.attn_width)
+    ffn_idx = torch.stack([torch.randperm(s.ffn, generator=gen)[:nf].sort().values
+                           for _ in range(s.n_layers)])          # [L, nf]
+    attn_idx = torch.stack([torch.randperm(s.attn_width, generator=gen)[:na].sort().values
+                            for _ in range(s.n_layers)])         # [L, na]
+    t0 = time.perf_counter()
+    sample = per_neuron_sample(arch, tokenizer, examples[0], ffn_idx, attn_idx)
+    t_sample = time.perf_counter() - t0
+    # Extrapolate: every example pays the fixed part plus one loop step per neuron of every layer.
+    per_ffn = sample["t_ffn"] / ffn_idx.numel()
+    per_attn = sample["t_attn"] / attn_idx.numel()
+    t_per_neuron = len(examples) * (sample["t_fixed"] + s.n_layers * (s.ffn * per_ffn + s.attn_width * per_attn))
+
+    # Checks: batched == per-example (summed), and per-neuron == per-example (example 0).
+    rows = [(k, max_diff(batched.tensors()[k], per_example.tensors()[k]),
+             batched.tensors()[k].abs().max().item()) for k in batched.tensors()]
+    rows_neuron = [
+        ("ffn (sampled)", max_diff(sample["ffn"], first.ffn.gather(1, ffn_idx)), first.ffn.abs().max().item()),
+        ("attn (sampled)", max_diff(sample["attn"], first.attn.gather(1, attn_idx)), first.attn.abs().max().item()),
+        ("layer_attn", max_diff(sample["layer_attn"], first.layer_attn), first.layer_attn.abs().max().item()),
+        ("layer_ffn", max_diff(sample["layer_ffn"], first.layer_ffn), first.layer_ffn.abs().max().item())]
+
+    n_neurons = s.n_layers * (s.ffn + s.attn_width)
+    print()
+    print(f"{'method':<42}{'seconds':>12}")
+    print(f"{'batched attribute':<42}{t_batched:>12.1f}")
+    print(f"{'per-example projection (measured)':<42}{t_per_example:>12.1f}")
+    print(f"{'per-neuron loop (extrapolated)':<42}{t_per_neuron:>12.1f}")
+    print(f"  per-neuron sample: example 0, {nf} FFN + {na} attention neurons x {s.n_layers} layers, "
+          f"measured {t_sample:.1f}s")
+    print(f"  = {per_ffn * 1e3:.2f} ms per FFN neuron, {per_attn * 1e3:.2f} ms per attention neuron, "
+          f"{sample['t_fixed']:.2f}s fixed per example;")
+    print(f"  extrapolated to {len(examples)} examples x {n_neurons} neurons "
+          f"({len(examples) * n_neurons} log-softmax matvecs)")
+    print()
+    print("check: batched vs per-example projection (scores summed over examples)")
+    print(f"  {'tensor':<16}{'max abs diff':>14}{'max abs score':>16}")
+    for k, d, m in rows:
+        print(f"  {k:<16}{d:>14.3e}{m:>16.3e}")
+    print("check: sampled per-neuron loop vs per-example projection, example 0")
+    print(f"  (batched == per-example above, so this also checks batched at these neurons)")
+    print(f"  {'tensor':<16}{'max abs diff':>14}{'max abs score':>16}")
+    for k, d, m in rows_neuron:
+        print(f"  {k:<16}{d:>14.3e}{m:>16.3e}")
+    print()
+    print(f"speed-up batched vs per-neuron (extrapolated): {t_per_neuron / t_batched:8.1f}x  (target >= 10x)")
+    print(f"speed-up batched vs per-example projection:    {t_per_example / t_batched:8.1f}x")
+
+
+# --- Qwen-shaped peak memory --------------------------------------------------------------------
+def qwen_worker(args) -> None:
+    """In a fresh process: build the model, run attribute, print one JSON line of measurements."""
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    examples = load_examples(args.data)[:args.qwen_examples]
+    t0 = time.perf_counter()
+    model = qwen_model()
+    build_s = time.perf_counter() - t0
+    build_peak = peak_rss_bytes()
+    arch = Arch(model)
+    n = args.qwen_layers or arch.shape.n_layers
+    if n < arch.shape.n_layers:
+        arch = first_layers(arch, n)
+    before = rss_bytes()
+    was_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    attribute(arch, tokenizer, examples, batch_size=args.batch_size, budget_bytes=args.chunk_mb << 20)
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(build_s=build_s, build_peak=build_peak, before=before, peak=peak_rss_bytes(),
+                          reset=was_reset, seconds=seconds, layers=n, n_layers=model.config.num_hidden_layers,
+                          params=sum(p.numel() for p in model.parameters()))))
+
+
+def qwen_part(args) -> None:
+    print(f"\nQwen2.5-1.5B-shaped run (bf16 weights, random) in a fresh process: {args.qwen_examples} "
+          f"example(s), chunk budget {args.chunk_mb} MB ...", flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--qwen-worker",
+           "--qwen-examples", str(args.qwen_examples), "--qwen-layers", str(args.qwen_layers),
+           "--chunk-mb", str(args.chunk_mb), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--data", args.data]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    scale = r["n_layers"] / r["layers"]
+    print(f"  parameters                                 {r['params'] / 1e9:.3f} B")
+    print(f"  model build                                {r['build_s']:.1f}s, peak RSS {r['build_peak'] / GiB:.2f} GiB")
+    print(f"  RSS before attribution                     {r['before'] / GiB:.2f} GiB")
+    print(f"  peak RSS during attribution (ru_maxrss)    {r['peak'] / GiB:.2f} GiB"
+          + ("" if r["reset"] else "  (could not reset the high-water mark: includes the build)"))
+    print(f"  peak - before                              {(r['peak'] - r['before']) / GiB:.2f} GiB")
+    print(f"  process peak (build or attribution)        {max(r['peak'], r['build_peak']) / GiB:.2f} GiB")
+    if r["layers"] < r["n_layers"]:
+        print(f"  attribute seconds, {r['layers']} of {r['n_layers']} layers scored "
+              f"(forward through all)    {r['seconds']:.1f}s measured, "
+              f"~{r['seconds'] * scale:.0f}s extrapolated linearly to all {r['n_layers']} layers")
+    else:
+        print(f"  attribute seconds                          {r['seconds']:.1f}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--examples", type=int, default=20, help="examples for the Llama comparison")
+    p.add_argument("--data", default="demo:align", help="data spec of the examples")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass in attribute")
+    p.add_argument("--chunk-mb", type=int, default=256, help="attribution chunk budget")
+    p.add_argument("--sample-ffn", type=int, default=128, help="FFN neurons per layer in the per-neuron sample")
+    p.add_argument("--sample-attn", type=int, default=64, help="attention neurons per layer in the sample")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 were slower than 1 here)")
+    p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--skip-qwen", action="store_true")
+    p.add_argument("--qwen-examples", type=int, default=1)
+    p.add_argument("--qwen-layers", type=int, default=2,
+                   help="Qwen layers to score (0 = all 28); peak memory does not depend on it, "
+                        "the time is extrapolated")
+    p.add_argument("--qwen-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.qwen_worker:
+        return qwen_worker(args)
+    if not args.skip_llama:
+        tokenizer = build_tokenizer()
+        examples = load_examples(args.data)[:args.examples]
+        llama_part(args, tokenizer, examples)
+    if not args.skip_qwen:
+        qwen_part(args)
+
+
+if __name__ == "__main__":
+    main()
