@@ -1,6 +1,6 @@
 """Train the hypernetwork (DESIGN.md §6), split into the two roles that Ray later puts on two GPUs.
 
-SourceSide: the source model; attribution + layer alignment + slices for one example.
+SourceSide: the source model; attribution + layer alignment + slices for each extract example.
 TrainerSide: the frozen target + hypernetwork + optimizer; target attribution, steps, checkpoints.
 `train` wires them together in one process.
 """
@@ -227,8 +227,9 @@ class TrainerSide:
         return state["step"]
 
 
-# Sections that do not change what training computes; a resumed run may differ in these.
-_FREE_SECTIONS = ("attribution", "merge")
+# The one section that does not change what training computes; a resumed run may differ in it.
+# (attribution does: its batching moves scores in the last bits, see group_of.)
+_FREE_SECTIONS = ("merge",)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
