@@ -25,6 +25,9 @@ TINY = {
     "qwen2-target": ("qwen2", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
 }
+# Demo presets: a tiny preset's shape, pre-trained on demo:train for this many steps, so the
+# source knows the demo task better than the target (the situation LaTen is for).
+DEMO = {"demo-source": ("llama-source", 300), "demo-target": ("llama-target", 20)}
 TINY_VOCAB = 512  # the tiny tokenizer's size; every tiny model's vocabulary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +43,9 @@ def is_model_folder(path: str | Path) -> bool:
 def check_spec(spec: str) -> None:
     """Raise a clear error for a spec that names neither a model folder nor a tiny preset."""
     if spec.startswith("tiny:"):
-        if spec[5:] not in TINY:
-            raise ValueError(f"unknown tiny model {spec!r}; presets: {', '.join('tiny:' + n for n in TINY)}")
+        if spec[5:] not in TINY and spec[5:] not in DEMO:
+            names = ", ".join(f"tiny:{n}" for n in [*TINY, *DEMO])
+            raise ValueError(f"unknown tiny model {spec!r}; presets: {names}")
     elif not is_model_folder(spec):
         raise FileNotFoundError(f"model folder {spec!r} not found (no config.json there)")
 
@@ -84,7 +88,7 @@ def build_tokenizer():
 
 def tiny_config(name: str, vocab_size: int):
     from transformers import AutoConfig
-    model_type, fields = TINY[name]
+    model_type, fields = TINY[DEMO[name][0] if name in DEMO else name]
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=1024,
                                 tie_word_embeddings=False, **fields)
 
@@ -102,6 +106,8 @@ def build_tiny(name: str, root: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         assert len(tokenizer) == TINY_VOCAB, len(tokenizer)
         model = AutoModelForCausalLM.from_config(tiny_config(name, TINY_VOCAB))
+        if name in DEMO:
+            pretrain(model, tokenizer, DEMO[name][1], seed)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -112,6 +118,22 @@ def build_tiny(name: str, root: Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3) -> None:
+    """Plain LM training on the demo train split (whole texts), batches drawn with a fixed seed."""
+    from .data import Example, lm_batch
+    examples = [Example(tuple(r["messages"])) for r in demo.records("train")]
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        picks = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        batch = lm_batch(tokenizer, [examples[i] for i in picks], 256, train_on_inputs=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def load_tokenizer(spec: str):
