@@ -20,10 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from laten_ray.arch import Arch
 from laten_ray.attribution import attribute
 from laten_ray.config import config_from_dict
-from laten_ray.data import load_examples
+from laten_ray.data import lm_batch, load_examples
+from laten_ray.inject import injected
 from laten_ray.locate import locate_source, locate_target, neuron_counts
 from laten_ray.models import build_tokenizer
-from laten_ray.train import SourceSide, TrainerSide
+from laten_ray.train import SourceSide, TrainerSide, answer_loss, hypernet_backward
 
 SHAPES = {
     "llama2": {  # Llama-2-13B and Llama-2-7B
@@ -64,6 +65,47 @@ def build(shape: dict, device: str, dtype: torch.dtype, seed: int):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
+    """Memory and time of one more hypernetwork step (same batch, same slices) with sparse
+    injection vs full-size dense deltas (bench/train_step.py's dense_weights)."""
+    from torch.func import functional_call
+    from train_step import dense_weights  # bench/train_step.py
+    arch, t = trainer.arch, trainer.cfg.train
+    index = {m: i.to(trainer.device) for m, i in trainer.selections[1].index.items()}
+    examples = trainer.batch_examples(1)
+    batches = [lm_batch(trainer.tokenizer, examples[i:i + t.micro_batch_size], 512)
+               for i in range(0, len(examples), t.micro_batch_size)]
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+    def micro_loss(variant):
+        def loss(leaves, batch):
+            if variant == "sparse":
+                with injected(arch, index, leaves):
+                    return answer_loss(arch, batch, n_tokens)
+            weights = dense_weights(arch, index, leaves)
+            return answer_loss(arch, batch, n_tokens,
+                               base=lambda **inputs: functional_call(arch.base(), weights, (), inputs))
+        return loss
+    for variant in ("sparse", "dense"):
+        trainer.hypernet.zero_grad(set_to_none=True)
+        sync()
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        lm, _ = timed(f"{variant} step, no optimizer (16 examples)", results,
+                      lambda: hypernet_backward(trainer.hypernet, located.slices, batches,
+                                                micro_loss(variant), t.reg_lambda))
+        if torch.cuda.is_available():
+            results[f"{variant}_step_extra_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
+            print(f"    {variant}: lm_loss {lm:.5f}, peak above the loaded state "
+                  f"{results[f'{variant}_step_extra_gib']} GiB", flush=True)
+    trainer.hypernet.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        ratio = results["dense_step_extra_gib"] / max(results["sparse_step_extra_gib"], 1e-9)
+        results["dense_over_sparse_memory"] = round(ratio, 2)
+        print(f"dense/sparse step memory: {ratio:.2f}x", flush=True)
 
 
 def main():
@@ -116,6 +158,7 @@ def main():
         m = timed(f"step {step + 1}: trainer step (16 examples)", results, lambda: trainer.step(step, loc))
         print(f"    lm_loss {m['lm_loss']:.4f}  reg {m['reg_loss']:.3e}  tokens {m['tokens']}  "
               f"target attribution {m['target_attribution_s']:.2f} s", flush=True)
+    sparse_vs_dense(trainer, loc, results)
     if device == "cuda":
         results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"peak GPU memory allocated: {results['peak_gpu_gib']} GiB", flush=True)

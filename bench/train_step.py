@@ -72,10 +72,11 @@ def dense_weights(arch: Arch, index: dict, deltas: dict) -> dict[str, torch.Tens
         for layer in range(d.shape[0]):
             w = arch.weight(layer, m)                            # [out, in]
             idx = index[m][layer]                                # [K]
+            rows = d[layer].to(w.dtype)                          # [K, d_t], as the hooks cast
             if NEURON_AXIS[m] == 0:                              # up, v: rows
-                dense = torch.zeros(w.shape).index_put((idx,), d[layer])                  # [n, d_t]
+                dense = w.new_zeros(w.shape).index_put((idx,), rows)                        # [n, d_t]
             else:                                                # down, o: columns
-                dense = torch.zeros(w.shape[1], w.shape[0]).index_put((idx,), d[layer]).T  # [d_t, n]
+                dense = w.new_zeros(w.shape[1], w.shape[0]).index_put((idx,), rows).T       # [d_t, n]
             out[f"{prefix}.{layer}.{getattr(arch.family, m)}.weight"] = w + dense
     return out
 
@@ -151,11 +152,13 @@ def run_variant(args, variant: str, steps: int, live_rss: bool, grads_path: str 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source-hidden", type=int, default=1024, help="d_s of the slices")
-    p.add_argument("--hidden", type=int, default=768, help="target hidden size")
-    p.add_argument("--ffn", type=int, default=2048, help="target FFN width")
-    p.add_argument("--layers", type=int, default=6, help="target layers")
-    p.add_argument("--heads", type=int, default=12, help="target attention heads (MHA)")
+    # Defaults: Llama-2 13B -> 7B at 1/8 of the width with all 32 target layers, so the edited
+    # weights and the hypernetwork keep their real proportions (dense copies ~20x the hypernet).
+    p.add_argument("--source-hidden", type=int, default=640, help="d_s of the slices")
+    p.add_argument("--hidden", type=int, default=512, help="target hidden size")
+    p.add_argument("--ffn", type=int, default=1376, help="target FFN width")
+    p.add_argument("--layers", type=int, default=32, help="target layers")
+    p.add_argument("--heads", type=int, default=4, help="target attention heads (MHA)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--examples", type=int, default=16, help="1 demo extract example + align examples")
