@@ -69,18 +69,23 @@ def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_los
                       reg_lambda: float) -> tuple[float, float]:
     """Gradients of LM loss + reg_lambda * mean(delta^2) per module into the hypernetwork.
 
-    The deltas are computed once; each micro-batch's `micro_loss(leaves, batch)` sees them as
-    leaf tensors and accumulates dLoss/dDelta there, then one backward goes through the
-    hypernetwork instead of one per micro-batch. Returns (lm loss, reg loss)."""
-    deltas = hypernet(slices)                                   # module -> [L_t, K, d_t]
-    leaves = {m: d.detach().requires_grad_() for m, d in deltas.items()}
+    The micro-batches see the deltas as leaf tensors and accumulate dLoss/dDelta there
+    (`micro_loss(leaves, batch)`); then the hypernetwork runs again with grad and one backward
+    carries those gradients into it. Its activations ([L_t, K, d_s] per module) and the
+    target's never live at the same time, for the price of one more small forward.
+    Returns (lm loss, reg loss)."""
+    with torch.no_grad():
+        leaves = {m: d.requires_grad_() for m, d in hypernet(slices).items()}  # [L_t, K, d_t]
     lm_loss = 0.0
     for batch in batches:
         loss = micro_loss(leaves, batch)
         loss.backward()
         lm_loss += loss.item()
+    grads = {m: leaf.grad for m, leaf in leaves.items()}
+    del leaves
+    deltas = hypernet(slices)
     reg = sum(reg_lambda * d.pow(2).mean() for d in deltas.values())
-    through = sum((d * leaves[m].grad).sum() for m, d in deltas.items())
+    through = sum((d * grads[m]).sum() for m, d in deltas.items())
     (reg + through).backward()
     return lm_loss, reg.item()
 

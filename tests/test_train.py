@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from laten_ray import checkpoint as ckpt
-from laten_ray.config import ConfigError, config_from_dict
+from laten_ray.config import ConfigError, config_from_dict, load_config
 from laten_ray.train import align_sample, one_cycle, train
 
 from conftest import tiny_config_dict
@@ -79,14 +79,8 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     done_at_kill = ckpt.checkpoint_steps(run_dir)
     assert done_at_kill and done_at_kill[-1] < 12, done_at_kill  # killed mid-run
     subprocess.run(cmd + overrides, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    cfg = config_from_dict({**tiny_yaml(), "output_dir": str(tmp_path / "whole"),
-                            "train": {**tiny_yaml()["train"], "steps": 12}})
-    assert_same_hypernet(final_state(train(cfg)), final_state(run_dir))
-
-
-def tiny_yaml():
-    import yaml
-    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    whole = load_config(REPO / "configs" / "tiny.yaml", overrides + [f"output_dir={tmp_path / 'whole'}"])
+    assert_same_hypernet(final_state(train(whole)), final_state(run_dir))
 
 
 def test_micro_batches_do_not_change_the_step(tmp_path):
