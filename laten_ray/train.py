@@ -70,24 +70,35 @@ def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_los
     """Gradients of LM loss + reg_lambda * mean(delta^2) per module into the hypernetwork.
 
     The micro-batches see the deltas as leaf tensors and accumulate dLoss/dDelta there
-    (`micro_loss(leaves, batch)`); then the hypernetwork runs again with grad and one backward
-    carries those gradients into it. Its activations ([L_t, K, d_s] per module) and the
-    target's never live at the same time, for the price of one more small forward.
-    Returns (lm loss, reg loss)."""
+    (`micro_loss(leaves, batch)`). Then the hypernetwork runs again one target layer at a time,
+    with grad, and each layer's backward carries its share into the hypernetwork: its
+    activations ([K, d_s]-sized per module) never exist for all layers at once, nor beside
+    the target's. Returns (lm loss, reg loss)."""
+    n_layers = next(iter(slices.values())).shape[0]
+
+    def layer(i: int) -> dict:
+        return hypernet({m: s[i:i + 1] for m, s in slices.items()})  # module -> [1, K, d_t]
+
     with torch.no_grad():
-        leaves = {m: d.requires_grad_() for m, d in hypernet(slices).items()}  # [L_t, K, d_t]
+        parts = [layer(i) for i in range(n_layers)]
+        leaves = {m: torch.cat([p[m] for p in parts]).requires_grad_() for m in slices}  # [L_t, K, d_t]
+        del parts
     lm_loss = 0.0
     for batch in batches:
         loss = micro_loss(leaves, batch)
         loss.backward()
         lm_loss += loss.item()
     grads = {m: leaf.grad for m, leaf in leaves.items()}
+    sizes = {m: leaf.numel() for m, leaf in leaves.items()}
     del leaves
-    deltas = hypernet(slices)
-    reg = sum(reg_lambda * d.pow(2).mean() for d in deltas.values())
-    through = sum((d * grads[m]).sum() for m, d in deltas.items())
-    (reg + through).backward()
-    return lm_loss, reg.item()
+    reg_total = 0.0
+    for i in range(n_layers):
+        deltas = layer(i)
+        reg = sum(reg_lambda * d.pow(2).sum() / sizes[m] for m, d in deltas.items())  # this layer's share
+        through = sum((d * grads[m][i:i + 1]).sum() for m, d in deltas.items())
+        (reg + through).backward()
+        reg_total += reg.detach()
+    return lm_loss, float(reg_total)
 
 
 def group_of(i: int, n: int, size: int) -> range:
