@@ -85,6 +85,8 @@ class MergeConfig:
     seed_example: int = 0     # index of the example located on to pick the neurons
     seed_data: str = ""       # file of that example; default data.extract
     rate: float | None = None  # default transfer.rate
+    dtype: str = ""           # dtype of the merged weights; default target.dtype. Small deltas
+                              # added to bfloat16 weights partly round away: float32 keeps them
 
 
 @dataclass
@@ -232,6 +234,8 @@ def validate(cfg: Config) -> None:
     _check_rate(cfg.transfer.rate, "transfer.rate")
     if cfg.merge.rate is not None:
         _check_rate(cfg.merge.rate, "merge.rate")
+    if cfg.merge.dtype and cfg.merge.dtype not in DTYPES:
+        raise ConfigError(f"merge.dtype: {cfg.merge.dtype!r} is not one of {', '.join(DTYPES)}")
     bad = [m for m in cfg.transfer.modules if m not in MODULES]
     if bad or not cfg.transfer.modules or len(set(cfg.transfer.modules)) != len(cfg.transfer.modules):
         raise ConfigError(f"transfer.modules: {cfg.transfer.modules} must be distinct names from "

@@ -3,6 +3,7 @@ target's weights for real, writing an ordinary HF model folder."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 import tempfile
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
     example = seed_example(cfg)
 
     source = SourceSide(cfg)
-    # TrainerSide loads the target; its optimizer is not used here.
-    trainer = TrainerSide(cfg, source.arch.shape.hidden)
+    # TrainerSide loads the target (in merge.dtype if given); its optimizer is not used here.
+    target_cfg = replace(cfg, target=replace(cfg.target, dtype=cfg.merge.dtype or cfg.target.dtype))
+    trainer = TrainerSide(target_cfg, source.arch.shape.hidden)
     trainer.hypernet.load_state_dict(state["hypernet"])
     located_source, located_target, deltas = plan_edit(source, trainer, example, rate)
     del source  # free the source before the target is written
@@ -63,6 +65,7 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
     counts = trainer.counts
 
     report = {"source": cfg.source.model, "target": cfg.target.model, "run": str(cfg.run_dir),
+              "dtype": target_cfg.target.dtype,
               "step": state["step"], "rate": rate, "seed_example": {"data": cfg.merge.seed_data
               or cfg.data.extract, "index": cfg.merge.seed_example, "id": example.id},
               "modules": {}}

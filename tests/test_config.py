@@ -142,6 +142,7 @@ def test_an_existing_data_file_is_accepted(tmp_path):
     ("target.model=tiny:nope", "target.model", "unknown tiny model 'tiny:nope'"),
     ("source.model=", "source.model", "missing"),
     ("source.dtype=fp8", "source.dtype", "'fp8' is not one of float32, bfloat16, float16"),
+    ("merge.dtype=half", "merge.dtype", "'half' is not one of float32, bfloat16, float16"),
     ("target.device=tpu", "target.device", "'tpu' is not auto, cpu, cuda or cuda:N"),
     ("train.betas=[0.9]", "train.betas", "two numbers"),
     ("train.warmup_ratio=1.0", "train.warmup_ratio", r"\[0, 1\)"),

@@ -86,3 +86,16 @@ def test_overwrite_replaces_only_an_earlier_merge(tmp_path):
     with pytest.raises(FileExistsError, match="not a merged model"):
         merge(cfg, step=1, rate=0.2, out=tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_merge_dtype_sets_the_saved_weights_dtype(tmp_path):
+    cfg = config_from_dict({**tiny_config_dict("qwen2", tmp_path, steps=1),
+                            "target": {"model": "tiny:qwen2-target", "device": "cpu", "dtype": "bfloat16"}})
+    train(cfg)
+    as_target = merge(cfg, step=1, rate=0.2, out=tmp_path / "bf16")
+    assert json.loads((as_target / REPORT).read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(as_target).model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    cfg.merge.dtype = "float32"
+    full = merge(cfg, step=1, rate=0.2, out=tmp_path / "fp32")
+    assert json.loads((full / REPORT).read_text())["dtype"] == "float32"
+    assert AutoModelForCausalLM.from_pretrained(full).model.layers[0].mlp.up_proj.weight.dtype == torch.float32
