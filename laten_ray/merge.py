@@ -3,14 +3,14 @@ target's weights for real, writing an ordinary HF model folder."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, validate
 from .data import load_examples
 from .inject import merge_into
 from .locate import neuron_counts
@@ -50,7 +50,10 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
         if not (out / REPORT).is_file():
             raise FileExistsError(f"output folder {out} is not a merged model (no {REPORT}); "
                                   "refusing to overwrite it")
-    rate = rate if rate is not None else (cfg.merge.rate if cfg.merge.rate is not None else cfg.transfer.rate)
+    if rate is not None:  # checked like merge.rate in a config, before any model loads
+        cfg = replace(cfg, merge=replace(cfg.merge, rate=rate))
+        validate(cfg)
+    rate = cfg.merge.rate if cfg.merge.rate is not None else cfg.transfer.rate
     state = ckpt.load_checkpoint(cfg.run_dir, step)  # fails early if the run has no such step
     example = seed_example(cfg)
 

@@ -99,3 +99,12 @@ def test_merge_dtype_sets_the_saved_weights_dtype(tmp_path):
     full = merge(cfg, step=1, rate=0.2, out=tmp_path / "fp32")
     assert json.loads((full / REPORT).read_text())["dtype"] == "float32"
     assert AutoModelForCausalLM.from_pretrained(full).model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+
+
+def test_merge_rate_is_checked_before_models_load(tmp_path):
+    from laten_ray.config import ConfigError
+    cfg = config_from_dict(tiny_config_dict("qwen2", tmp_path, steps=1))
+    with pytest.raises(ConfigError, match=r"merge\.rate: rate must be in \(0, 1\]"):
+        merge(cfg, step=None, rate=1.5, out=tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"merge\.rate: 0.9 asks for K=43 v neurons"):
+        merge(cfg, step=None, rate=0.9, out=tmp_path / "x")
