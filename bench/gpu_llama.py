@@ -21,10 +21,9 @@ from laten_ray.arch import Arch
 from laten_ray.attribution import attribute
 from laten_ray.config import config_from_dict
 from laten_ray.data import lm_batch, load_examples
-from laten_ray.inject import injected
 from laten_ray.locate import locate_source, locate_target, neuron_counts
 from laten_ray.models import build_tokenizer
-from laten_ray.train import SourceSide, TrainerSide, answer_loss, hypernet_backward
+from laten_ray.train import SourceSide, TrainerSide, hypernet_backward
 
 SHAPES = {
     "llama2": {  # Llama-2-13B and Llama-2-7B
@@ -70,8 +69,7 @@ def build(shape: dict, device: str, dtype: torch.dtype, seed: int):
 def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
     """Memory and time of one more hypernetwork step (same batch, same slices) with sparse
     injection vs full-size dense deltas (bench/train_step.py's dense_weights)."""
-    from torch.func import functional_call
-    from train_step import dense_weights  # bench/train_step.py
+    from train_step import make_micro_step  # bench/train_step.py
     arch, t = trainer.arch, trainer.cfg.train
     index = {m: i.to(trainer.device) for m, i in trainer.selections[1].index.items()}
     examples = trainer.batch_examples(1)
@@ -79,15 +77,6 @@ def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
                for i in range(0, len(examples), t.micro_batch_size)]
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
-    def micro_loss(variant):
-        def loss(leaves, batch):
-            if variant == "sparse":
-                with injected(arch, index, leaves):
-                    return answer_loss(arch, batch, n_tokens)
-            weights = dense_weights(arch, index, leaves)
-            return answer_loss(arch, batch, n_tokens,
-                               base=lambda **inputs: functional_call(arch.base(), weights, (), inputs))
-        return loss
     for variant in ("sparse", "dense"):
         trainer.hypernet.zero_grad(set_to_none=True)
         sync()
@@ -96,7 +85,8 @@ def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
             torch.cuda.reset_peak_memory_stats()
         lm, _ = timed(f"{variant} step, no optimizer (16 examples)", results,
                       lambda: hypernet_backward(trainer.hypernet, located.slices, batches,
-                                                micro_loss(variant), t.reg_lambda))
+                                                make_micro_step(variant, arch, index, n_tokens),
+                                                t.reg_lambda))
         if torch.cuda.is_available():
             results[f"{variant}_step_extra_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
             print(f"    {variant}: lm_loss {lm:.5f}, peak above the loaded state "

@@ -81,17 +81,26 @@ def dense_weights(arch: Arch, index: dict, deltas: dict) -> dict[str, torch.Tens
     return out
 
 
+def make_micro_step(variant: str, arch: Arch, index: dict, n_tokens: int):
+    """Forward + backward of one micro-batch with sparse hooks or dense W + D; returns its loss."""
+    def micro_step(leaves, batch) -> float:
+        if variant == "sparse":
+            with injected(arch, index, leaves):
+                loss = answer_loss(arch, batch, n_tokens)
+        else:
+            weights = dense_weights(arch, index, leaves)
+            loss = answer_loss(arch, batch, n_tokens,
+                               base=lambda **inputs: functional_call(arch.base(), weights, (), inputs))
+        loss.backward()
+        return loss.item()
+    return micro_step
+
+
 def train_step(variant, model, arch, hypernet, optimizer, index, slices, batches, n_tokens,
                reg_lambda, grads_path=None) -> tuple[float, float]:
     """One optimizer step; returns (lm loss, reg loss). Saves the hypernet grads if grads_path."""
-    def micro_loss(leaves, batch):
-        if variant == "sparse":
-            with injected(arch, index, leaves):
-                return answer_loss(arch, batch, n_tokens)
-        weights = dense_weights(arch, index, leaves)
-        return answer_loss(arch, batch, n_tokens,
-                           base=lambda **inputs: functional_call(arch.base(), weights, (), inputs))
-    lm_loss, reg = hypernet_backward(hypernet, slices, batches, micro_loss, reg_lambda)
+    lm_loss, reg = hypernet_backward(hypernet, slices, batches,
+                                     make_micro_step(variant, arch, index, n_tokens), reg_lambda)
     if grads_path:
         torch.save({n: p.grad for n, p in hypernet.named_parameters()}, grads_path)
     optimizer.step()

@@ -78,6 +78,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_ratio: float = 0.3  # one-cycle: share of steps spent warming up
     reg_lambda: float = 1000.0
+    gradient_checkpointing: bool = False  # recompute the target's layers in backward: less memory
 
 
 @dataclass

@@ -65,12 +65,12 @@ def answer_loss(arch: Arch, batch: dict, n_tokens: int, base=None) -> torch.Tens
     return F.cross_entropy(logits, labels[keep], reduction="sum") / max(n_tokens, 1)
 
 
-def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_loss,
+def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_step,
                       reg_lambda: float) -> tuple[float, float]:
     """Gradients of LM loss + reg_lambda * mean(delta^2) per module into the hypernetwork.
 
     The micro-batches see the deltas as leaf tensors and accumulate dLoss/dDelta there
-    (`micro_loss(leaves, batch)`). Then the hypernetwork runs again one target layer at a time,
+    (`micro_step(leaves, batch)` runs forward and backward and returns the loss). Then the hypernetwork runs again one target layer at a time,
     with grad, and each layer's backward carries its share into the hypernetwork: its
     activations ([K, d_s]-sized per module) never exist for all layers at once, nor beside
     the target's. Returns (lm loss, reg loss)."""
@@ -85,9 +85,7 @@ def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_los
         del parts
     lm_loss = 0.0
     for batch in batches:
-        loss = micro_loss(leaves, batch)
-        loss.backward()
-        lm_loss += loss.item()
+        lm_loss += micro_step(leaves, batch)
     grads = {m: leaf.grad for m, leaf in leaves.items()}
     sizes = {m: leaf.numel() for m, leaf in leaves.items()}
     del leaves
@@ -143,6 +141,12 @@ class TrainerSide:
         self.model = model or load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
         self.device = self.model.device
         self.arch = Arch(self.model)
+        self.checkpointing = cfg.train.gradient_checkpointing
+        if self.checkpointing:
+            if getattr(self.model.config, "attention_dropout", 0.0):
+                raise ConfigError("train.gradient_checkpointing: the target has attention_dropout > 0, "
+                                  "which training mode would turn on")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.align = load_examples(cfg.data.align)
         self.extract = load_examples(cfg.data.extract)
         self.total = n_steps(cfg, len(self.extract))
@@ -194,11 +198,18 @@ class TrainerSide:
                    for i in range(0, len(examples), t.train.micro_batch_size)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
-        def micro_loss(leaves, batch):
+        def micro_step(leaves, batch) -> float:
+            # backward inside the block: gradient checkpointing re-runs the hooked forward
             with injected(self.arch, index, leaves):
-                return answer_loss(self.arch, batch, n_tokens)
-        lm_loss, reg = hypernet_backward(self.hypernet, source.slices, batches, micro_loss,
-                                         t.train.reg_lambda)
+                loss = answer_loss(self.arch, batch, n_tokens)
+                loss.backward()
+            return loss.item()
+        self.model.train(self.checkpointing)  # HF checkpoints layers only in training mode
+        try:
+            lm_loss, reg = hypernet_backward(self.hypernet, source.slices, batches, micro_step,
+                                             t.train.reg_lambda)
+        finally:
+            self.model.eval()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

@@ -112,3 +112,20 @@ def test_one_cycle_rises_then_falls():
     assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
     assert one_cycle(1, 0.3)(0) == pytest.approx(1.0)  # a single step runs at the full rate
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = train(config_from_dict(tiny_config_dict("qwen2", tmp_path / "plain", steps=2)))
+    saved = train(config_from_dict(tiny_config_dict("qwen2", tmp_path / "ckpt", steps=2,
+                                                    gradient_checkpointing=True)))
+    a, b = final_state(plain), final_state(saved)
+    for k, v in a["hypernet"].items():
+        assert torch.allclose(v, b["hypernet"][k], atol=1e-6), k
+    assert a["history"][-1]["lm_loss"] == pytest.approx(b["history"][-1]["lm_loss"], rel=1e-6)
+
+
+def test_gradient_checkpointing_is_switched_on_in_the_target(tmp_path):
+    from laten_ray.train import TrainerSide
+    cfg = config_from_dict(tiny_config_dict("llama", tmp_path, gradient_checkpointing=True))
+    trainer = TrainerSide(cfg, d_source=128)
+    assert trainer.model.is_gradient_checkpointing and not trainer.model.training
