@@ -77,7 +77,10 @@ def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
                for i in range(0, len(examples), t.micro_batch_size)]
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
-    for variant in ("sparse", "dense"):
+    for variant in ("sparse", "dense", "sparse+checkpointing"):
+        if variant == "sparse+checkpointing":  # the target's layers recomputed in backward
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trainer.model.train()
         trainer.hypernet.zero_grad(set_to_none=True)
         sync()
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -85,12 +88,13 @@ def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
             torch.cuda.reset_peak_memory_stats()
         lm, _ = timed(f"{variant} step, no optimizer (16 examples)", results,
                       lambda: hypernet_backward(trainer.hypernet, located.slices, batches,
-                                                make_micro_step(variant, arch, index, n_tokens),
+                                                make_micro_step(variant.split("+")[0], arch, index, n_tokens),
                                                 t.reg_lambda))
         if torch.cuda.is_available():
             results[f"{variant}_step_extra_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
             print(f"    {variant}: lm_loss {lm:.5f}, peak above the loaded state "
                   f"{results[f'{variant}_step_extra_gib']} GiB", flush=True)
+    trainer.model.eval()
     trainer.hypernet.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
         ratio = results["dense_step_extra_gib"] / max(results["sparse_step_extra_gib"], 1e-9)

@@ -85,13 +85,14 @@ def make_micro_step(variant: str, arch: Arch, index: dict, n_tokens: int):
     """Forward + backward of one micro-batch with sparse hooks or dense W + D; returns its loss."""
     def micro_step(leaves, batch) -> float:
         if variant == "sparse":
-            with injected(arch, index, leaves):
+            with injected(arch, index, leaves):  # backward inside: checkpointing re-runs hooks
                 loss = answer_loss(arch, batch, n_tokens)
+                loss.backward()
         else:
             weights = dense_weights(arch, index, leaves)
             loss = answer_loss(arch, batch, n_tokens,
                                base=lambda **inputs: functional_call(arch.base(), weights, (), inputs))
-        loss.backward()
+            loss.backward()
         return loss.item()
     return micro_step
 

@@ -57,7 +57,7 @@ def answer_loss(arch: Arch, batch: dict, n_tokens: int, base=None) -> torch.Tens
     unembedding runs at labelled positions only: [N, V] logits, not [B, T, V].
     `base` replaces the decoder call (e.g. a functional call with other weights)."""
     device = arch.lm_head().weight.device
-    hidden = (base or arch.base())(input_ids=batch["input_ids"].to(device),
+    hidden = (base or arch.base())(input_ids=batch["input_ids"].to(device), use_cache=False,
                                    attention_mask=batch["attention_mask"].to(device)).last_hidden_state
     labels = batch["labels"][:, 1:].to(device)                 # [B, T-1]: token t+1 is read at t
     keep = labels != -100
