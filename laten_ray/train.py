@@ -70,10 +70,10 @@ def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_ste
     """Gradients of LM loss + reg_lambda * mean(delta^2) per module into the hypernetwork.
 
     The micro-batches see the deltas as leaf tensors and accumulate dLoss/dDelta there
-    (`micro_step(leaves, batch)` runs forward and backward and returns the loss). Then the hypernetwork runs again one target layer at a time,
-    with grad, and each layer's backward carries its share into the hypernetwork: its
-    activations ([K, d_s]-sized per module) never exist for all layers at once, nor beside
-    the target's. Returns (lm loss, reg loss)."""
+    (`micro_step(leaves, batch)` runs forward and backward, returns the loss). Then the
+    hypernetwork runs again one target layer at a time, with grad, and each layer's backward
+    carries its share into the hypernetwork: its activations ([K, d_s]-sized per module) never
+    exist for all layers at once, nor beside the target's. Returns (lm loss, reg loss)."""
     n_layers = next(iter(slices.values())).shape[0]
 
     def layer(i: int) -> dict:
