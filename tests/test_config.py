@@ -156,7 +156,7 @@ def test_bad_value_names_the_key(override, key, problem):
 
 
 def test_unknown_key_lists_the_known_ones():
-    assert "known here: align_per_step, betas, lr," in config_error("train.lrr=1")
+    assert "known here: align_per_step, betas, gradient_checkpointing, lr," in config_error("train.lrr=1")
 
 
 def test_unknown_tiny_preset_lists_the_presets():
