@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/rss.py
+from common import peak_rss_bytes, random_llama, reset_peak_rss, rss_bytes  # bench/common.py
 from laten_ray.arch import Arch
 from laten_ray.attribution import Scores, attribute, capture, score_captured
 from laten_ray.data import attribution_batch, attribution_ids, load_examples
@@ -40,12 +40,7 @@ GiB = 1 << 30
 
 # --- models -------------------------------------------------------------------------------------
 def llama_model(args) -> torch.nn.Module:
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=1024, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    return random_llama(args.vocab, args.hidden, args.ffn, args.layers, args.heads)
 
 
 def qwen_model() -> torch.nn.Module:

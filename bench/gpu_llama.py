@@ -15,8 +15,8 @@ import os
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from common import random_llama  # bench/common.py
 from laten_ray.arch import Arch
 from laten_ray.attribution import attribute
 from laten_ray.config import config_from_dict
@@ -58,12 +58,9 @@ def timed(label, results, fn):
 
 
 def build(shape: dict, device: str, dtype: torch.dtype, seed: int):
-    cfg = AutoConfig.for_model("llama", vocab_size=32000, max_position_embeddings=4096,
-                               rms_norm_eps=1e-5, **shape)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return random_llama(32000, shape["hidden_size"], shape["intermediate_size"],
+                        shape["num_hidden_layers"], shape["num_attention_heads"], seed, dtype, device,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
 def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:

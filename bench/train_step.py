@@ -26,9 +26,8 @@ import time
 
 import torch
 from torch.func import functional_call
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/rss.py
+from common import peak_rss_bytes, random_llama, reset_peak_rss, rss_bytes  # bench/common.py
 from laten_ray.arch import MODULES, NEURON_AXIS, Arch
 from laten_ray.data import lm_batch, load_examples
 from laten_ray.hypernet import HyperNet
@@ -44,12 +43,7 @@ VARIANTS = ("sparse", "dense")
 # --- setup --------------------------------------------------------------------------------------
 def target_model(args) -> torch.nn.Module:
     """A frozen random Llama target, identical in every process (fixed seed)."""
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=1024, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    return random_llama(args.vocab, args.hidden, args.ffn, args.layers, args.heads)
 
 
 def selection(arch: Arch, rate: float, d_source: int) -> tuple[dict, dict]:
