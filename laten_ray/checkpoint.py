@@ -30,8 +30,12 @@ def save_torch(obj, path: Path) -> None:
     _atomic(Path(path), lambda f: torch.save(obj, f))
 
 
+def save_bytes(data: bytes, path: Path) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
+
+
 def save_text(text: str, path: Path) -> None:
-    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    save_bytes(text.encode("utf-8"), path)
 
 
 def save_json(obj, path: Path) -> None:

@@ -9,29 +9,23 @@ from pathlib import Path
 
 def _attribute(args) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from . import checkpoint as ckpt
-    from .arch import Arch
+    from .arch import Arch, shape_of
     from .attribution import attribute
     from .data import load_examples
-    from .models import check_spec, load_model, load_tokenizer, pick_device
+    from .models import load_model, load_tokenizer, pick_device, read_model_config
 
-    check_spec(args.model)
+    shape_of(read_model_config(args.model))  # a missing folder or unsupported family fails here
     examples = load_examples(args.data, args.limit)
     model = load_model(args.model, args.dtype, pick_device(args.device))
     scores = attribute(Arch(model), load_tokenizer(args.model), examples, args.batch_size,
                        args.chunk_mb << 20)
-    out = Path(args.out)
     tensors = {k: v.contiguous().to(torch.float32) for k, v in scores.tensors().items()}
     meta = {"model": args.model, "data": args.data, "examples": str(scores.n_examples)}
-    ckpt._atomic(out, lambda f: f.write(_safetensors_bytes(tensors, meta)))
-    print(f"wrote {out} ({scores.n_examples} examples)")
-
-
-def _safetensors_bytes(tensors, meta) -> bytes:
-    from safetensors.torch import save
-    return save(tensors, metadata=meta)
+    ckpt.save_bytes(save(tensors, metadata=meta), Path(args.out))
+    print(f"wrote {args.out} ({scores.n_examples} examples)")
 
 
 def _train(args) -> None:
