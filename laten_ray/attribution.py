@@ -174,14 +174,8 @@ def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
 
 def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
     """Scores summed over the captured examples."""
-    return _sum(score_each(arch, cap, budget_bytes))
-
-
-def _sum(scores: list[Scores]) -> Scores:
-    total = scores[0]
-    for s in scores[1:]:
-        total = total + s
-    return total
+    each = score_each(arch, cap, budget_bytes)
+    return sum(each[1:], each[0])
 
 
 def attribute_each(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
@@ -201,4 +195,5 @@ def attribute_each(arch: Arch, tokenizer, examples: list[Example], batch_size: i
 def attribute(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
               budget_bytes: int = 256 << 20, group: int = 64) -> Scores:
     """Scores of `examples`, summed (see attribute_each)."""
-    return _sum(attribute_each(arch, tokenizer, examples, batch_size, budget_bytes, group))
+    each = attribute_each(arch, tokenizer, examples, batch_size, budget_bytes, group)
+    return sum(each[1:], each[0])

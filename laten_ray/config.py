@@ -208,6 +208,11 @@ def check_data_spec(spec: str, key: str) -> None:
         raise ConfigError(f"{key}: data file {spec!r} not found")
 
 
+def _check_dtype(dtype: str, key: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"{key}: {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 def _check_rate(rate: float, key: str) -> None:
     if not 0.0 < rate <= 1.0:
         raise ConfigError(f"{key}: rate must be in (0, 1], got {rate}")
@@ -224,8 +229,7 @@ def validate(cfg: Config) -> None:
             check_spec(m.model)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{role}.model: {e}") from None
-        if m.dtype not in DTYPES:
-            raise ConfigError(f"{role}.dtype: {m.dtype!r} is not one of {', '.join(DTYPES)}")
+        _check_dtype(m.dtype, f"{role}.dtype")
         if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
             raise ConfigError(f"{role}.device: {m.device!r} is not auto, cpu, cuda or cuda:N")
     check_data_spec(cfg.data.align, "data.align")
@@ -235,8 +239,8 @@ def validate(cfg: Config) -> None:
     _check_rate(cfg.transfer.rate, "transfer.rate")
     if cfg.merge.rate is not None:
         _check_rate(cfg.merge.rate, "merge.rate")
-    if cfg.merge.dtype and cfg.merge.dtype not in DTYPES:
-        raise ConfigError(f"merge.dtype: {cfg.merge.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.merge.dtype:
+        _check_dtype(cfg.merge.dtype, "merge.dtype")
     bad = [m for m in cfg.transfer.modules if m not in MODULES]
     if bad or not cfg.transfer.modules or len(set(cfg.transfer.modules)) != len(cfg.transfer.modules):
         raise ConfigError(f"transfer.modules: {cfg.transfer.modules} must be distinct names from "
