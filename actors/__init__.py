@@ -1,1 +1,1 @@
-"""Ray actors, thin shells over laten_ray: source, trainer, evaluator; see issue 3."""
+"""Ray actors, thin shells over laten_ray: the source and the trainer of a training run."""

@@ -33,6 +33,11 @@ def _train(args) -> None:
     from .train import format_progress, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.ray:  # the same driver as `ray job submit ... -- python -m jobs.train`
+        from jobs.train import progress_line, train_on_ray
+        run_dir = train_on_ray(cfg, args.address, on_step=lambda m: print(progress_line(m), flush=True))
+        print(f"done: {run_dir}")
+        return
     print(f"run folder: {cfg.run_dir}", flush=True)
     run_dir = train(cfg, on_step=lambda m: print(format_progress(m), flush=True))
     print(f"done: {run_dir}")
@@ -64,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the hypernetwork (resumes from the last checkpoint)")
     t.add_argument("--config", required=True)
+    t.add_argument("--ray", action="store_true",
+                   help="run the source and the trainer as Ray actors (see jobs/train.py)")
+    t.add_argument("--address", default=None,
+                   help="with --ray: the cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4")
     t.set_defaults(run=_train)
 

@@ -91,6 +91,28 @@ class MergeConfig:
 
 
 @dataclass
+class ActorConfig:
+    num_cpus: float = 1.0            # also the actor's torch threads (at least 1)
+    num_gpus: float | None = None    # default: 1 when the role's device is cuda or cuda:N, else 0
+
+
+TRANSPORTS = ("object_store", "nccl", "gloo", "nixl", "cuda_ipc")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RayConfig:
+    """How a Ray run places and connects the two actors; it never changes what is computed."""
+    lookahead: int = 2               # extract examples the source may run ahead of the trainer
+    transport: str = "object_store"  # slices through the object store, or Ray direct transport:
+                                     # nccl (GPU-GPU), cuda_ipc (one GPU), nixl, gloo (CPU)
+    placement_strategy: str = "PACK"
+    max_restarts: int = 3            # per actor; the run resumes from the last checkpoint
+    source: ActorConfig = field(default_factory=ActorConfig)
+    trainer: ActorConfig = field(default_factory=ActorConfig)
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -103,6 +125,7 @@ class Config:
     hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -264,7 +287,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    _check_ray(cfg)
     check_models_fit(cfg)
+
+
+def _check_ray(cfg: Config) -> None:
+    r = cfg.ray
+    if r.lookahead < 0:
+        raise ConfigError(f"ray.lookahead: must not be negative, got {r.lookahead}")
+    if r.max_restarts < 0:
+        raise ConfigError(f"ray.max_restarts: must not be negative, got {r.max_restarts}")
+    if r.transport not in TRANSPORTS:
+        raise ConfigError(f"ray.transport: {r.transport!r} is not one of {', '.join(TRANSPORTS)}")
+    if r.placement_strategy not in STRATEGIES:
+        raise ConfigError(f"ray.placement_strategy: {r.placement_strategy!r} is not one of "
+                          f"{', '.join(STRATEGIES)}")
+    for role in ("source", "trainer"):
+        a: ActorConfig = getattr(r, role)
+        if a.num_cpus < 0 or (a.num_gpus is not None and a.num_gpus < 0):
+            raise ConfigError(f"ray.{role}: num_cpus and num_gpus must not be negative")
+    if r.transport in ("nccl", "cuda_ipc"):
+        for role in ("source", "target"):
+            if not getattr(cfg, role).device.startswith("cuda"):
+                raise ConfigError(f"ray.transport: {r.transport} moves GPU tensors but "
+                                  f"{role}.device is {getattr(cfg, role).device!r}")
 
 
 def check_models_fit(cfg: Config) -> None:

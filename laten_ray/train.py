@@ -116,9 +116,11 @@ class SourceSide:
         self.arch = Arch(self.model)
         self.attribution_seconds = 0.0
 
-    def locate(self, examples: list[Example], target: Shape, counts: dict[str, int]) -> list[Located]:
-        """For each example: slices of the source's top neurons in its best L_t layers (on CPU).
-        The examples share each per-layer projection, so a batch costs little more than one."""
+    def locate(self, examples: list[Example], target: Shape, counts: dict[str, int],
+               on_cpu: bool = True) -> list[Located]:
+        """For each example: slices of the source's top neurons in its best L_t layers (on CPU
+        unless `on_cpu` is False). The examples share each per-layer projection, so a batch
+        costs little more than one."""
         t0 = time.perf_counter()
         each = attribute_each(self.arch, self.tokenizer, examples, self.cfg.attribution.batch_size,
                               self.cfg.attribution.chunk_mb << 20)
@@ -126,7 +128,8 @@ class SourceSide:
         out = []
         for scores in each:
             located = locate_source(self.arch, scores, target, counts)
-            located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
+            if on_cpu:
+                located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
             out.append(located)
         return out
 
@@ -254,9 +257,9 @@ class TrainerSide:
         return state["step"]
 
 
-# The one section that does not change what training computes; a resumed run may differ in it.
+# The sections that do not change what training computes; a resumed run may differ in them.
 # (attribution does: its batching moves scores in the last bits, see group_of.)
-_FREE_SECTIONS = ("merge",)
+_FREE_SECTIONS = ("merge", "ray")
 
 
 def prepare_run_dir(cfg: Config) -> Path:

@@ -148,6 +148,13 @@ def test_an_existing_data_file_is_accepted(tmp_path):
     ("train.warmup_ratio=1.0", "train.warmup_ratio", r"\[0, 1\)"),
     ("train.lr=-1.0", "train.lr", "must not be negative"),
     ("name=a/b", "name", "folder name"),
+    ("ray.lookahead=-1", "ray.lookahead", "must not be negative"),
+    ("ray.max_restarts=-2", "ray.max_restarts", "must not be negative"),
+    ("ray.transport=tcp", "ray.transport", "'tcp' is not one of object_store, nccl, gloo, nixl, cuda_ipc"),
+    ("ray.transport=nccl", "ray.transport", "nccl moves GPU tensors but source.device is 'cpu'"),
+    ("ray.placement_strategy=RANDOM", "ray.placement_strategy", "'RANDOM' is not one of PACK"),
+    ("ray.trainer.num_gpus=-1", "ray.trainer", "must not be negative"),
+    ("ray.source.gpus=1", "unknown key 'ray.source.gpus'", "known here: num_cpus, num_gpus"),
 ])
 def test_bad_value_names_the_key(override, key, problem):
     message = config_error(override)

@@ -1,0 +1,45 @@
+"""The trainer actor (`laten-trainer`): the frozen target, the hypernetwork and its optimizer."""
+from __future__ import annotations
+
+import time
+
+from laten_ray.train import TrainerSide, prepare_run_dir
+
+from .common import actor_config, place_on_assigned_gpu, process_info
+from .metrics import RunMetrics
+
+
+class TrainerActor:
+    """Steps on the source's slices and checkpoints after every step. A restarted actor
+    resumes from the run folder's last checkpoint, as `laten train` does."""
+
+    def __init__(self, cfg: dict, d_source: int, num_cpus: float = 1.0):
+        self.cfg = actor_config(cfg, num_cpus)
+        # The driver checked the run folder too; on a cluster this node may see another disk.
+        prepare_run_dir(self.cfg)
+        place_on_assigned_gpu(self.cfg, "target")
+        self.side = TrainerSide(self.cfg, d_source, self.cfg.run_dir)
+        self.done = self.side.resume()
+        self.metrics = RunMetrics(self.cfg.name)
+        self.idle_since = time.perf_counter()
+
+    def info(self) -> dict:
+        return {**process_info(), "done": self.done, "total": self.side.total}
+
+    def step(self, step: int, sent: dict, in_flight: int = 0) -> dict:
+        """Train step `step` on the source's output for it (Ray resolves the ObjectRef before
+        this runs, so the time since the last step ended is time spent waiting for slices)."""
+        wait = time.perf_counter() - self.idle_since
+        if step < self.done:  # sent again after a recovery: already in the checkpoint
+            return self.side.history[step]
+        if step != self.done or sent["step"] != step:
+            raise RuntimeError(f"trainer expected step {self.done}, got {step} "
+                               f"(slices of step {sent['step']})")
+        metrics = self.side.step(step, sent["located"])
+        metrics["source_attribution_s"] = sent["attribution_s"]
+        metrics["slice_wait_s"] = wait
+        self.side.save_checkpoint(step + 1)
+        self.done = step + 1
+        self.metrics.trainer_step(metrics, in_flight)
+        self.idle_since = time.perf_counter()
+        return metrics
