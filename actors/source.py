@@ -45,7 +45,10 @@ class SourceActor:
             self.ready = dict(zip(members, self.side.locate(examples, self.target, self.counts,
                                                             on_cpu=self.on_cpu)))
         located = self.ready.pop(step)
-        located.slices = {m: t.contiguous() for m, t in located.slices.items()}  # zero-copy needs it
+        # One device for every tensor, as the transport needs it; contiguous for zero-copy.
+        device = self.side.model.device if not self.on_cpu else "cpu"
+        for field in ("layers", "index", "score", "slices"):
+            setattr(located, field, {m: t.to(device).contiguous() for m, t in getattr(located, field).items()})
         seconds, self.side.attribution_seconds = self.side.attribution_seconds, 0.0
         self.metrics.source_sent(located.nbytes(), seconds)
         return {"step": step, "located": located, "attribution_s": seconds}

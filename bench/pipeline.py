@@ -31,9 +31,10 @@ from bench.common import random_llama  # noqa: E402
 from laten_ray.models import TINY_VOCAB, build_tokenizer  # noqa: E402
 
 
-def build(folder: Path, tokenizer, seed: int, **shape) -> int:
+def build(folder: Path, tokenizer, seed: int, dtype: str, device: str, **shape) -> int:
     """Save a random Llama with the tiny tokenizer; return its size in bytes."""
-    model = random_llama(TINY_VOCAB, seed=seed, **shape)
+    from laten_ray.models import DTYPES
+    model = random_llama(TINY_VOCAB, seed=seed, dtype=DTYPES[dtype], device=device, **shape)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -43,8 +44,8 @@ def config(models: Path, out: Path, name: str, lookahead: int, args) -> dict:
     gpu = args.device == "cuda"
     return {
         "name": name, "output_dir": str(out), "seed": 0,
-        "source": {"model": str(models / "source"), "device": args.device},
-        "target": {"model": str(models / "target"), "device": args.device},
+        "source": {"model": str(models / "source"), "device": args.device, "dtype": args.dtype},
+        "target": {"model": str(models / "target"), "device": args.device, "dtype": args.dtype},
         "data": {"align": "demo:align", "extract": "demo:extract", "max_length": 128},
         "transfer": {"rate": 0.1},
         # one example per source call, so the source's work per step is even
@@ -82,6 +83,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--transport", default="object_store")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--align-per-step", type=int, default=15)
     p.add_argument("--source", default="1024,2816,28,16", help="hidden,ffn,layers,heads")
     p.add_argument("--target", default="512,1408,8,8", help="hidden,ffn,layers,heads")
@@ -95,11 +97,11 @@ def main() -> None:
     for i, role in enumerate(("source", "target")):
         hidden, ffn, layers, heads = map(int, getattr(args, role).split(","))
         shapes[role] = dict(hidden=hidden, ffn=ffn, layers=layers, heads=heads)
-        size = build(root / "models" / role, tokenizer, seed=i, **shapes[role])
+        size = build(root / "models" / role, tokenizer, i, args.dtype, args.device, **shapes[role])
         shapes[role]["bytes"] = size
     print(f"source {shapes['source']}, target {shapes['target']}, vocab {TINY_VOCAB}, "
           f"{args.steps} steps ({args.warmup} warm-up), 1 + {args.align_per_step} examples per step, "
-          f"device {args.device}, transport {args.transport}", flush=True)
+          f"{args.dtype} on {args.device}, transport {args.transport}", flush=True)
     ray.init(num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
              log_to_driver=False)
     results = {}
