@@ -127,6 +127,7 @@ class Pipeline:
             metrics["wall_s"], last = now - last, now
             done = step + 1
             on_step(metrics)
+        ray.get(self.trainer.flush.remote())  # the last checkpoint is written in the background
 
     def drain(self) -> None:
         """After a failure: let the steps still queued finish or fail. A step that still runs
@@ -189,7 +190,8 @@ def train_on_ray(cfg, address: str | None = None, on_step=None, max_recoveries: 
 
 def progress_line(m: dict) -> str:
     from laten_ray.train import format_progress
-    return f"{format_progress(m)}  waited {m['slice_wait_s']:.2f}s  wall {m['wall_s']:.2f}s"
+    return (f"{format_progress(m)}  waited {m['slice_wait_s']:.2f}s  checkpoint {m['checkpoint_s']:.2f}s  "
+            f"wall {m['wall_s']:.2f}s")
 
 
 def main(argv: list[str] | None = None) -> int:

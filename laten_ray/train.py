@@ -6,9 +6,11 @@ TrainerSide: the frozen target + hypernetwork + optimizer; target attribution, s
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -165,6 +167,8 @@ class TrainerSide:
         self.history: list[dict] = []
         self.selections: dict[int, Located] = {}  # extract index -> the target's selection
         self.attribution_seconds = 0.0  # since the last step's metrics
+        self._saver: threading.Thread | None = None  # a checkpoint being written in the background
+        self._save_error: BaseException | None = None
 
     def locate(self, examples: list[Example]) -> list[Located]:
         """The target's own top-K neurons for each example (the target is frozen: no injection)."""
@@ -233,12 +237,41 @@ class TrainerSide:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
-    def save_checkpoint(self, step: int) -> Path:
-        """After `step` completed steps: the checkpoint, then the metrics file, both atomic."""
+    def save_checkpoint(self, step: int, background: bool = False) -> Path:
+        """After `step` completed steps: the checkpoint, then the metrics file, both atomic.
+
+        `background`: snapshot the state (a copy) now and write it in a thread while training
+        goes on; the next save, or `wait_for_checkpoint`, waits for it. A crash before the write
+        ends loses only that step, which a resumed run recomputes to the same result."""
+        self.wait_for_checkpoint()
         path = ckpt.checkpoint_path(self.run_dir, step)
-        ckpt.save_torch(self.state(step), path)
-        ckpt.save_text("".join(f"{json.dumps(m)}\n" for m in self.history), self.run_dir / "metrics.jsonl")
+        state = _snapshot(self.state(step))
+        lines = "".join(f"{json.dumps(m)}\n" for m in self.history)
+
+        def write() -> None:
+            ckpt.save_torch(state, path)
+            ckpt.save_text(lines, self.run_dir / "metrics.jsonl")
+        if not background:
+            write()
+            return path
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - raised again by wait_for_checkpoint
+                self._save_error = e
+        self._saver = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=True)
+        self._saver.start()
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background checkpoint is on disk; raise its error if writing failed."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.join()
+        error, self._save_error = self._save_error, None
+        if error is not None:
+            raise error
 
     def resume(self) -> int:
         """Load the last checkpoint of the run folder, if any; return the steps already done."""
@@ -255,6 +288,17 @@ class TrainerSide:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["step"]
+
+
+def _snapshot(obj):
+    """A copy of a state tree whose tensors are detached CPU copies (training goes on meanwhile)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 # The sections that do not change what training computes; a resumed run may differ in them.
@@ -291,17 +335,20 @@ def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
     trainer = TrainerSide(cfg, source.arch.shape.hidden, run_dir)
     start = trainer.resume()
     group = cfg.attribution.batch_size
-    for first in range(start - start % group, trainer.total, group):
-        steps = group_of(first, trainer.total, group)
-        located = source.locate([trainer.extract[s % len(trainer.extract)] for s in steps],
-                                trainer.arch.shape, trainer.counts)
-        for step, slices in zip(steps, located):
-            if step < start:
-                continue  # done before a resume; its group is recomputed whole (see group_of)
-            trainer.prepare(step)
-            metrics = trainer.step(step, slices)
-            metrics["source_attribution_s"], source.attribution_seconds = source.attribution_seconds, 0.0
-            trainer.save_checkpoint(step + 1)
-            if on_step:
-                on_step(metrics)
+    try:
+        for first in range(start - start % group, trainer.total, group):
+            steps = group_of(first, trainer.total, group)
+            located = source.locate([trainer.extract[s % len(trainer.extract)] for s in steps],
+                                    trainer.arch.shape, trainer.counts)
+            for step, slices in zip(steps, located):
+                if step < start:
+                    continue  # done before a resume; its group is recomputed whole (see group_of)
+                trainer.prepare(step)
+                metrics = trainer.step(step, slices)
+                metrics["source_attribution_s"], source.attribution_seconds = source.attribution_seconds, 0.0
+                trainer.save_checkpoint(step + 1, background=True)  # written while the next step runs
+                if on_step:
+                    on_step(metrics)
+    finally:
+        trainer.wait_for_checkpoint()
     return run_dir

@@ -129,3 +129,23 @@ def test_gradient_checkpointing_is_switched_on_in_the_target(tmp_path):
     cfg = config_from_dict(tiny_config_dict("llama", tmp_path, gradient_checkpointing=True))
     trainer = TrainerSide(cfg, d_source=128)
     assert trainer.model.is_gradient_checkpointing and not trainer.model.training
+
+
+def test_background_checkpoint_is_a_snapshot_and_its_errors_surface(tmp_path):
+    from laten_ray.train import TrainerSide
+    cfg = config_from_dict(tiny_config_dict("llama", tmp_path, steps=2))
+    trainer = TrainerSide(cfg, d_source=128, run_dir=tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.hypernet.state_dict().items()}
+    trainer.save_checkpoint(1, background=True)
+    with torch.no_grad():  # training goes on while the checkpoint is written
+        for p in trainer.hypernet.parameters():
+            p.add_(1.0)
+    trainer.wait_for_checkpoint()
+    saved = ckpt.load_checkpoint(tmp_path / "run", 1)["hypernet"]
+    assert all(torch.equal(saved[k], before[k]) for k in before)
+
+    (tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
+    (tmp_path / "run" / "checkpoints").write_text("a file where the folder was")
+    trainer.save_checkpoint(2, background=True)
+    with pytest.raises(OSError):
+        trainer.wait_for_checkpoint()
