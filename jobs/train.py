@@ -59,7 +59,8 @@ class Pipeline:
             ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.pg)
-            raise RuntimeError(f"the cluster has no room for the actors' bundles {bundles} "
+            from laten_ray.config import ConfigError
+            raise ConfigError(f"ray: the cluster has no room for the actors' bundles {bundles} "
                                f"(strategy {cfg.ray.placement_strategy}) after {PLACEMENT_TIMEOUT_S} s; "
                                f"it has {ray.cluster_resources()}; change ray.source / ray.trainer")
         env = {**ACTOR_ENV, **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
@@ -146,7 +147,7 @@ class Pipeline:
         ray.util.remove_placement_group(self.pg)
 
 
-def train_on_ray(cfg, address: str | None = None, on_step=None, max_recoveries: int | None = None) -> Path:
+def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
     """Run the whole training job on a Ray cluster (started locally when there is none)."""
     import ray
     from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError
@@ -165,7 +166,7 @@ def train_on_ray(cfg, address: str | None = None, on_step=None, max_recoveries: 
     print(f"run folder: {run_dir}", flush=True)
     pipeline = Pipeline(cfg, d_source)
     recoveries = 0
-    limit = max_recoveries if max_recoveries is not None else 2 * cfg.ray.max_restarts
+    limit = 2 * cfg.ray.max_restarts  # each actor may use all of its restarts
     try:
         done = pipeline.connect()
         if done:
@@ -190,8 +191,8 @@ def train_on_ray(cfg, address: str | None = None, on_step=None, max_recoveries: 
 
 def progress_line(m: dict) -> str:
     from laten_ray.train import format_progress
-    return (f"{format_progress(m)}  waited {m['slice_wait_s']:.2f}s  checkpoint {m['checkpoint_s']:.2f}s  "
-            f"wall {m['wall_s']:.2f}s")
+    return (f"{format_progress(m)}  waited {m.get('slice_wait_s', 0):.2f}s  "
+            f"checkpoint {m.get('checkpoint_s', 0):.2f}s  wall {m['wall_s']:.2f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
