@@ -1,0 +1,261 @@
+"""Evaluation tasks: GSM8K, MMLU, HumanEval, MBPP. Each reads the public test format and the
+paper's chat `messages` format, builds the 0-shot prompt of the paper's data, extracts the
+answer from a generation and scores it (code tasks: the program that `program` builds runs in
+the sandbox). Scores of every example feed `summarize`: the metric and its 95% interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import DataError
+
+LETTERS = "ABCD"
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: str                # the user message
+    gold: str = ""             # gsm8k: the number; mmlu: the letter; code: unused
+    tests: str = ""            # code: the test program appended to the solution
+    code_prefix: str = ""      # humaneval: the function header the model completes
+    entry_point: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _records(path: str | Path, limit: int | None):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if limit is not None and n > limit:
+                return
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            yield n, record
+
+
+def _need(record: dict, keys: tuple, where: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)} (have: {', '.join(record)})")
+
+
+def _messages(record: dict, where: str) -> tuple[str, str]:
+    """(user text, assistant text) of a paper-format record."""
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
+        raise DataError(f"{where}: `messages` must be a list of {{role, content}}")
+    user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
+    if user is None:
+        raise DataError(f"{where}: no user message")
+    answer = next((m["content"] for m in reversed(msgs) if m.get("role") == "assistant"), "")
+    return user, answer
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+def normalize_number(text: str) -> str | None:
+    """'1,234' -> '1234', '-$5.50' -> '-5.5', '3.' -> '3'; None if it is not a number."""
+    t = text.strip().rstrip(".").replace(",", "").replace("$", "")
+    try:
+        value = float(t)
+    except ValueError:
+        return None
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def last_number(text: str) -> str | None:
+    """The last number in a text, normalized."""
+    for match in reversed(_NUMBER.findall(text)):
+        number = normalize_number(match)
+        if number is not None:
+            return number
+    return None
+
+
+def mmlu_letter(text: str) -> str | None:
+    """The chosen letter: after 'answer is', else a leading 'B.' / '(B)' / 'B', else the only
+    standalone A-D letter in the text."""
+    m = re.search(r"answer is\s*:?\s*\(?([ABCD])\b", text, re.IGNORECASE)
+    if m:
+        return m.group(1).upper()
+    m = re.match(r"\s*\(?([ABCD])(?:[).:]|\s*$)", text)
+    if m:
+        return m.group(1)
+    found = set(re.findall(r"\b([ABCD])\b", text))
+    return found.pop() if len(found) == 1 else None
+
+
+def code_of(generation: str) -> str:
+    """The code in a generation: the first ```python (or ```) block, else the whole text."""
+    m = re.search(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|\Z)", generation, re.DOTALL)
+    return m.group(1) if m else generation
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+class Task:
+    name = ""
+    code = False
+
+    def load(self, path, limit: int | None = None) -> list[Item]:
+        items = []
+        for n, record in _records(path, limit):
+            where = f"{path}:{n}"
+            items.append(self.from_messages(record, where) if "messages" in record
+                         else self.from_public(record, where))
+        if not items:
+            raise DataError(f"{path}: no examples")
+        return items
+
+    def extract(self, generation: str, item: Item) -> str | None:
+        raise NotImplementedError
+
+    def correct(self, extracted: str | None, item: Item) -> bool:
+        return extracted is not None and extracted == item.gold
+
+
+class GSM8K(Task):
+    name = "gsm8k"
+
+    def from_public(self, r: dict, where: str) -> Item:
+        _need(r, ("question", "answer"), where)
+        if "####" not in r["answer"]:
+            raise DataError(f"{where}: answer has no '#### N' final line")
+        gold = normalize_number(r["answer"].rsplit("####", 1)[1])
+        if gold is None:
+            raise DataError(f"{where}: the answer after '####' is not a number")
+        return Item(str(r.get("id", where)), f"Answer the following question.\n\nQuestion: {r['question']}", gold)
+
+    def from_messages(self, r: dict, where: str) -> Item:
+        user, answer = _messages(r, where)
+        gold = last_number(answer.rsplit("####", 1)[-1])
+        if gold is None:
+            raise DataError(f"{where}: the assistant answer holds no number")
+        return Item(str(r.get("id", where)), user, gold)
+
+    def extract(self, generation: str, item: Item) -> str | None:
+        return last_number(generation)
+
+
+class MMLU(Task):
+    name = "mmlu"
+
+    def from_public(self, r: dict, where: str) -> Item:
+        _need(r, ("subject", "question", "choices", "answer"), where)
+        if len(r["choices"]) != 4 or r["answer"] not in range(4):
+            raise DataError(f"{where}: expected 4 choices and an answer index 0-3")
+        subject = r["subject"].replace("_", " ")
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
+        prompt = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+                  f"{r['question']}\n{options}\nAnswer:")
+        return Item(str(r.get("id", where)), prompt, LETTERS[r["answer"]], extra={"subject": r["subject"]})
+
+    def from_messages(self, r: dict, where: str) -> Item:
+        user, answer = _messages(r, where)
+        gold = mmlu_letter(answer)
+        if gold is None:
+            raise DataError(f"{where}: the assistant answer names no letter A-D")
+        return Item(str(r.get("id", where)), user, gold, extra={"subject": r.get("category", "")})
+
+    def extract(self, generation: str, item: Item) -> str | None:
+        return mmlu_letter(generation)
+
+
+class HumanEval(Task):
+    name = "humaneval"
+    code = True
+
+    def from_public(self, r: dict, where: str) -> Item:
+        _need(r, ("task_id", "prompt", "test", "entry_point"), where)
+        return Item(r["task_id"], f"Complete the following python function.\n\n\n{r['prompt']}",
+                    tests=f"{r['test']}\n\ncheck({r['entry_point']})\n", code_prefix=r["prompt"],
+                    entry_point=r["entry_point"])
+
+    def from_messages(self, r: dict, where: str) -> Item:
+        user, _ = _messages(r, where)
+        _need(r, ("test", "entry_point"), f"{where} (a code example needs its tests)")
+        return Item(str(r.get("task_id", r.get("id", where))), user,
+                    tests=f"{r['test']}\n\ncheck({r['entry_point']})\n", code_prefix=r.get("prompt", ""),
+                    entry_point=r["entry_point"])
+
+    def extract(self, generation: str, item: Item) -> str:
+        code = code_of(generation)
+        if item.entry_point and re.search(rf"def\s+{re.escape(item.entry_point)}\s*\(", code):
+            return code
+        return item.code_prefix + code  # a completion of the function body
+
+    def program(self, solution: str, item: Item) -> str:
+        return f"{solution}\n\n{item.tests}"
+
+
+class MBPP(HumanEval):
+    name = "mbpp"
+
+    def from_public(self, r: dict, where: str) -> Item:
+        _need(r, ("task_id", "text", "code", "test_list"), where)
+        signature = next((line.rstrip(":\r ") for line in r["code"].splitlines()
+                          if line.lstrip().startswith("def ")), "")
+        tests = "\n".join([r.get("test_setup_code", ""), *r["test_list"]]) + "\n"
+        name = re.match(r"\s*def\s+(\w+)", signature)
+        return Item(str(r["task_id"]), f"Complete the following python function.\n\n\n{r['text']}\n{signature}",
+                    tests=tests, entry_point=name.group(1) if name else "")
+
+    def from_messages(self, r: dict, where: str) -> Item:
+        user, _ = _messages(r, where)
+        _need(r, ("test_list",), f"{where} (a code example needs its tests)")
+        return Item(str(r.get("task_id", r.get("id", where))), user, tests="\n".join(r["test_list"]) + "\n")
+
+    def extract(self, generation: str, item: Item) -> str:
+        return code_of(generation)
+
+
+TASKS = {t.name: t for t in (GSM8K(), MMLU(), HumanEval(), MBPP())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (have: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def interval95(scores: list[float]) -> tuple[float, float]:
+    """95% interval of a mean: Wilson for 0/1 scores, normal approximation otherwise."""
+    n = len(scores)
+    if n == 0:
+        return (0.0, 0.0)
+    mean = sum(scores) / n
+    z = 1.959964
+    if all(s in (0, 1) for s in scores):
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return (max(0.0, centre - half), min(1.0, centre + half))
+    var = sum((s - mean) ** 2 for s in scores) / max(1, n - 1)
+    half = z * math.sqrt(var / n)
+    return (max(0.0, mean - half), min(1.0, mean + half))
