@@ -53,16 +53,10 @@ def _merge(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluate import evaluate, load_settings
+    from .evaluate import evaluate, print_summary, settings_from_args
 
-    settings = load_settings(args.settings, {
-        "engine": args.engine, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "n": args.n, "k": args.k, "stop": args.stop, "dtype": args.dtype, "device": args.device,
-        "batch_size": args.batch_size, "seed": args.seed, "timeout_s": args.timeout})
-    summary = evaluate(args.model, args.task, args.data, args.out, settings, args.limit)
-    lo, hi = summary["ci95"]
-    print(f"{summary['task']}: {summary['metric']} {summary['value']:.4f} (95% CI {lo:.4f}-{hi:.4f}) "
-          f"on {summary['examples']} examples with {summary['engine']}; results in {args.out}")
+    summary = evaluate(args.model, args.task, args.data, args.out, settings_from_args(args), args.limit)
+    print_summary(summary, args.out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,23 +93,8 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(run=_merge)
 
     e = sub.add_parser("evaluate", help="batch evaluation on gsm8k, mmlu, humaneval or mbpp")
-    e.add_argument("--model", required=True, help="HF model folder (e.g. a merged one) or tiny:NAME")
-    e.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp"])
-    e.add_argument("--data", required=True, help="test jsonl: the public format or the paper's `messages`")
-    e.add_argument("--out", required=True, help="folder for examples.jsonl and summary.json")
-    e.add_argument("--limit", type=int, default=None, help="the first N examples")
-    e.add_argument("--engine", choices=["vllm", "hf", "auto"], default=None, help="default auto: vLLM if installed")
-    e.add_argument("--settings", default=None, help="YAML of generation settings (max_tokens, temperature, n, stop, ...)")
-    e.add_argument("--max-tokens", type=int, default=None)
-    e.add_argument("--temperature", type=float, default=None)
-    e.add_argument("--n", type=int, default=None, help="samples per example (pass@k)")
-    e.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report")
-    e.add_argument("--stop", nargs="+", default=None, help="stop strings")
-    e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--device", default=None)
-    e.add_argument("--batch-size", type=int, default=None, help="transformers engine batch")
-    e.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
+    from .evaluate import add_arguments as add_evaluate_arguments
+    add_evaluate_arguments(e)
     e.set_defaults(run=_evaluate)
 
     # its options live with the server (jobs/serve.py), which imports Ray Serve only when used

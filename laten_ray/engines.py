@@ -126,6 +126,10 @@ class VLLMEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

@@ -28,6 +28,41 @@ SETTINGS = {"engine", "dtype", "device", "batch_size", "chunk", "k", "timeout_s"
             *(f.name for f in dataclasses.fields(Sampling))}
 
 
+def add_arguments(e) -> None:
+    """The options of `laten evaluate` and `python -m jobs.evaluate`."""
+    e.add_argument("--model", required=True, help="HF model folder (e.g. a merged one) or tiny:NAME")
+    e.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp"])
+    e.add_argument("--data", required=True, help="test jsonl: the public format or the paper's `messages`")
+    e.add_argument("--out", required=True, help="folder for examples.jsonl and summary.json")
+    e.add_argument("--limit", type=int, default=None, help="the first N examples")
+    e.add_argument("--engine", choices=["vllm", "hf", "auto"], default=None, help="default auto: vLLM if installed")
+    e.add_argument("--settings", default=None, help="YAML of generation settings (max_tokens, temperature, n, stop, ...)")
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--temperature", type=float, default=None)
+    e.add_argument("--n", type=int, default=None, help="samples per example (pass@k)")
+    e.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report")
+    e.add_argument("--stop", nargs="+", default=None, help="stop strings")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default=None)
+    e.add_argument("--batch-size", type=int, default=None, help="transformers engine batch")
+    e.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
+
+
+def settings_from_args(args) -> dict:
+    return load_settings(args.settings, {
+        "engine": args.engine, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "n": args.n, "k": args.k, "stop": args.stop, "dtype": args.dtype, "device": args.device,
+        "batch_size": args.batch_size, "seed": args.seed, "timeout_s": args.timeout})
+
+
+def print_summary(summary: dict, out) -> None:
+    lo, hi = summary["ci95"]
+    extra = "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@") and not k.endswith("ci95"))
+    print(f"{summary['task']}: {summary['metric']} {summary['value']:.4f} (95% CI {lo:.4f}-{hi:.4f}){extra} "
+          f"on {summary['examples']} examples with {summary['engine']}; results in {out}", flush=True)
+
+
 def load_settings(path: str | None, overrides: dict) -> dict:
     """Evaluation settings: a YAML file of SETTINGS keys, then the command line's (not None)."""
     settings: dict = {}
