@@ -39,9 +39,9 @@ class Request:
 
 
 def _typed(body: dict, key: str, kinds, default, check=None, what: str = ""):
-    value = body.get(key, default)
-    if value is None and default is None:
-        return None
+    value = body.get(key)
+    if value is None:  # absent or null: the default
+        return default
     if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
         raise ApiError(400, f"'{key}' must be {what}, got {value!r}", key)
     if not isinstance(value, kinds):

@@ -146,3 +146,11 @@ def test_invalid_requests_get_4xx_naming_the_problem(server, path, body, status,
     ok, models = post(server["base"], "/completions", json.dumps(
         {"model": NAME, "prompt": "hi", "max_tokens": 2, "temperature": 0}).encode())
     assert ok == 200 and models["choices"]
+
+
+def test_serve_with_a_missing_model_fails_before_starting_ray(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "laten_ray.cli", "serve", "--model", str(tmp_path / "nope")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"laten: error: model folder '{tmp_path / 'nope'}' not found" in done.stderr
+    assert "Ray" not in done.stdout + done.stderr
