@@ -3,6 +3,7 @@ writes per-example results and a summary, resumes after an interruption; `jobs.e
 the same in an evaluator actor on a local Ray."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,7 +77,6 @@ def test_an_interrupted_evaluation_resumes_from_its_partial_results(tmp_path, la
     data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:4])
     out = tmp_path / "out"
     out.mkdir()
-    import dataclasses
     identity = {"model": MODEL, "task": "gsm8k", "data": str(data), "limit": None,
                 "sampling": dataclasses.asdict(sampling_for("gsm8k", {"max_tokens": 16, "engine": "hf"}))}
     planted = {"id": "1", "prompt": "p", "gold": "1", "generations": ["planted 1"], "extracted": ["1"],
