@@ -213,3 +213,36 @@ def test_bad_config_fails_the_job_fast_with_the_message(cluster, tmp_path, overr
     assert "SourceActor" not in log and "run folder" not in log  # no actor was started
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_and_serve_as_ray_jobs(cluster, tmp_path):
+    """`ray job submit` of jobs.evaluate (an evaluator actor) and of jobs.serve --detach (a Serve
+    app that outlives its job) on the same cluster."""
+    import json as json_
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json_.dumps({"id": i, "question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "eval"
+    cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--runtime-env",
+           "runtime_env.yaml", "--", "python", "-m"]
+    done = subprocess.run([*cmd, "jobs.evaluate", "--model", "tiny:llama-source", "--task", "gsm8k", "--data",
+                           str(data), "--out", str(out), "--engine", "hf", "--max-tokens", "8"],
+                          cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["examples"] == 4
+    assert "gsm8k: accuracy" in done.stdout
+
+    port = free_port()
+    done = subprocess.run([*cmd, "jobs.serve", "--model", "tiny:llama-source", "--name", "tiny", "--engine", "hf",
+                           "--port", str(port), "--detach"],
+                          cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "tiny", "prompt": "1 + 1 =", "max_tokens": 4, "temperature": 0}).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:  # the job has ended; the app serves on
+            assert r.status == 200 and json.loads(r.read())["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "--address", cluster["dashboard"], "-y"],
+                       env=cluster["env"], capture_output=True, timeout=120)
