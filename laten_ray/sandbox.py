@@ -95,7 +95,8 @@ def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
         workdir, out, err = Path(tmp, "work"), Path(tmp, "stdout"), Path(tmp, "stderr")
         workdir.mkdir()
         (workdir / "main.py").write_text(code, encoding="utf-8")
-        spec = {"workdir": str(workdir), "python": interpreter(), "as_root": as_root,
+        error_file = Path(tmp, "setup-error")
+        spec = {"workdir": str(workdir), "error_file": str(error_file), "python": interpreter(), "as_root": as_root,
                 "uid": FIRST_UID + slot, "timeout_s": limits.timeout_s, "cpu_s": limits.cpu_s,
                 "memory_mb": limits.memory_mb, "processes": limits.processes,
                 "file_mb": limits.file_mb, "disk_mb": limits.disk_mb}
@@ -112,8 +113,9 @@ def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
                 code_ = proc.wait()
         seconds = time.monotonic() - t0
         stderr = _tail(err, limits.output_chars)
-        if code_ == SETUP_FAILED and stderr.startswith("sandbox: "):
-            raise SandboxUnavailable(stderr.strip().splitlines()[-1])
+        setup_error = error_file.read_text() if error_file.is_file() else ""
+        if code_ == SETUP_FAILED and setup_error:
+            raise SandboxUnavailable(f"sandbox: {setup_error}")
         status = "passed" if code_ == 0 else "timeout" if code_ == TIMED_OUT else "failed"
         return Outcome(status, code_, _tail(out, limits.output_chars), stderr, seconds)
 

@@ -104,7 +104,7 @@ def set_limits(spec: dict) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def child(spec: dict) -> None:
+def child(spec: dict, report) -> None:
     workdir = spec["workdir"]
     with open(os.path.join(workdir, "main.py"), "rb") as f:
         program = f.read()
@@ -117,24 +117,30 @@ def child(spec: dict) -> None:
     set_limits(spec)
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    os.execve(spec["python"], [spec["python"], "-I", "main.py"], env)
+    os.execve(spec["python"], [spec["python"], "-I", "main.py"], env)  # `report` closes on exec
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    # Setup errors go to a file the program cannot reach (not inherited, and hidden by the
+    # mounts), so a program cannot pass itself off as a broken sandbox.
+    report = open(spec["error_file"], "w")
     try:
         enter_namespaces(spec["as_root"])
     except OSError as e:
-        print(f"sandbox: cannot isolate: {e}", file=sys.stderr)
+        report.write(f"cannot isolate: {e}")
+        report.close()
         sys.exit(125)
     pid = os.fork()
     if pid == 0:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            child(spec)
+            child(spec, report)
         except BaseException as e:  # noqa: BLE001 - reported, then a distinct exit code
-            print(f"sandbox: setup failed: {e}", file=sys.stderr)
+            report.write(f"setup failed: {e}")
+            report.close()
         os._exit(125)
+    report.close()
     # The parent: wall clock. Killing PID 1 of the namespace kills everything inside it.
     timed_out = []
 

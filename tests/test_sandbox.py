@@ -57,6 +57,7 @@ def test_hostile_programs_are_contained_while_the_others_pass(tmp_path, monkeypa
                             "raise SystemExit('a secret must not be among the above')\n",
         "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)\n"
                        "os.kill(1, signal.SIGKILL)\nraise SystemExit(3)\n",
+        "fake setup failure": "import sys\nprint('sandbox: setup failed: no', file=sys.stderr)\nsys.exit(125)\n",
         "good again": "import math\nassert math.gcd(12, 18) == 6\n",
     }
     try:
@@ -71,7 +72,7 @@ def test_hostile_programs_are_contained_while_the_others_pass(tmp_path, monkeypa
     assert status["infinite loop"] == "timeout"
     assert status["fork bomb"] in ("timeout", "failed")
     assert status["memory bomb"] == "failed" and "MemoryError" in outcomes["memory bomb"].stderr
-    for name in ("growing memory bomb", "write outside", "delete outside", "network", "read environment", "kill parent"):
+    for name in ("fake setup failure", "growing memory bomb", "write outside", "delete outside", "network", "read environment", "kill parent"):
         assert status[name] != "passed", (name, outcomes[name])
     assert keep.read_text() == "keep" and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
     assert not in_repo.exists()
@@ -121,3 +122,10 @@ def unprivileged_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['passed', 'failed', 'failed', 'failed', 'timeout']"
     assert (target / "keep.txt").read_text() == "keep"
+
+
+def test_a_broken_sandbox_is_an_error_not_a_failed_program(monkeypatch):
+    from laten_ray import sandbox
+    monkeypatch.setattr(sandbox, "interpreter", lambda: "/nonexistent/python3")
+    with pytest.raises(sandbox.SandboxUnavailable, match="setup failed: .*nonexistent"):
+        sandbox.run_program("print(1)")
