@@ -18,12 +18,10 @@ class EvaluatorActor:
     def __init__(self, model: str, settings: dict, num_cpus: float):
         import torch
 
-        from laten_ray.engines import make_engine
+        from laten_ray.engines import engine_from_settings
         torch.set_num_threads(max(1, int(num_cpus)))
         self.model, self.settings = model, settings
-        self.engine = make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
-                                  settings.get("device", "auto"),
-                                  **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}))
+        self.engine = engine_from_settings(model, settings)
 
     def evaluate(self, task: str, data: str, out: str, limit: int | None) -> dict:
         from laten_ray.evaluate import evaluate

@@ -25,6 +25,33 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def use_vllm(engine: str) -> bool:
+    """The choice of `engine: vllm | hf | auto` (auto: vLLM when it is installed)."""
+    if engine not in ("auto", "vllm", "hf"):
+        raise ValueError(f"engine: {engine!r} is not vllm, hf or auto")
+    if engine == "vllm" and not vllm_available():
+        raise ValueError("engine: vllm is not installed (pip install -e '.[cpu]' on CPU, '.[gpu]' on GPU)")
+    return engine == "vllm" or (engine == "auto" and vllm_available())
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling, gen) -> torch.Tensor:
+    """The next token of each row: greedy, or sampled with temperature and top-p. [B, V] -> [B]"""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / s.temperature, -1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > s.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def vllm_sampling(s: Sampling):
+    from vllm import SamplingParams
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                          stop=s.stop or None, seed=s.seed if s.temperature > 0 else None)
+
+
 def cut_at_stop(text: str, stop: list[str]) -> str:
     cuts = [text.find(s) for s in stop if s and s in text]
     return text[:min(cuts)] if cuts else text
@@ -76,15 +103,7 @@ class HFEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         for _ in range(s.max_tokens):
-            if s.temperature > 0:
-                probs = torch.softmax(logits / s.temperature, -1)
-                if s.top_p < 1.0:
-                    sorted_p, order = probs.sort(-1, descending=True)
-                    drop = sorted_p.cumsum(-1) - sorted_p > s.top_p
-                    probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-                token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            else:
-                token = logits.argmax(-1)
+            token = next_tokens(logits, s, gen)
             for i in (~done).nonzero().flatten().tolist():
                 if token[i].item() == eos:
                     done[i] = True
@@ -131,21 +150,21 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                stop=s.stop or None, seed=s.seed if s.temperature > 0 else None)
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], vllm_sampling(s),
                                     use_tqdm=False)
         return [[o.text for o in r.outputs] for r in results]
 
 
 def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto", **kw):
     """`vllm`, `hf`, or `auto` (vLLM when it is installed)."""
-    if engine not in ("auto", "vllm", "hf"):
-        raise ValueError(f"engine: {engine!r} is not vllm, hf or auto")
-    if engine == "vllm" and not vllm_available():
-        raise ValueError("engine: vllm is not installed (pip install -e '.[cpu]' on CPU, '.[gpu]' on GPU)")
-    if engine == "vllm" or (engine == "auto" and vllm_available()):
+    if use_vllm(engine):
         return VLLMEngine(model, dtype, device, **{k: v for k, v in kw.items() if k != "batch_size"})
     return HFEngine(model, dtype, device, **{k: v for k, v in kw.items() if k == "batch_size"})
+
+
+def engine_from_settings(model: str, settings: dict):
+    """The engine that evaluation settings (`engine`, `dtype`, `device`, `batch_size`) ask for."""
+    return make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
+                       settings.get("device", "auto"),
+                       **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}))

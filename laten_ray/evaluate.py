@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint as ckpt
-from .engines import Sampling, make_engine, prompt_text
+from .engines import Sampling, engine_from_settings, prompt_text
 from .sandbox import Limits, run_programs
 from .tasks import Item, Task, get_task, interval95, pass_at_k
 
@@ -112,11 +112,12 @@ def score_chunk(task: Task, items: list[Item], generations: list[list[str]], lim
 def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
     n = min(len(r["correct"]) for r in records)
     per_item = [sum(r["correct"]) / len(r["correct"]) for r in records]  # pass@1 (unbiased)
-    name = "pass@1" if get_task(task).code else "accuracy"
+    code = get_task(task).code
+    name = "pass@1" if code else "accuracy"
     lo, hi = interval95(per_item)
     out = {"metric": name, "value": sum(per_item) / len(per_item), "ci95": [lo, hi],
            "examples": len(records), "samples_per_example": n}
-    if get_task(task).code:
+    if code:
         for k in ks:
             if k <= n:
                 scores = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
@@ -140,9 +141,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
                 "sampling": dataclasses.asdict(sampling)}
     done = _resume(partial, identity)
     t0 = time.perf_counter()
-    eng = engine or make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
-                                settings.get("device", "auto"),
-                                **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}))
+    eng = engine or engine_from_settings(model, settings)
     prompts = [eng.encode(prompt_text(item.prompt)) for item in items]
     limit_len = getattr(eng, "max_len", None)
     for item, p in zip(items, prompts):

