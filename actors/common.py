@@ -7,22 +7,21 @@ import warnings
 import ray
 import torch
 
-from laten_ray.config import Config, config_from_dict
+from laten_ray.checks import checked_from_dict
+from laten_ray.config import Config
+from laten_ray.entry import set_process_defaults
 
 
 def actor_config(cfg: dict, num_cpus: float) -> Config:
-    """The run's config as this actor sees it, validated again on this node (paths must exist
+    """The run's config as this actor sees it, checked again on this node (paths must exist
     here too); torch gets as many threads as the actor has CPUs."""
     torch.set_num_threads(max(1, int(num_cpus)))
+    set_process_defaults()
     # Slices are read-only, contiguous and detached: zero-copy through the object store is safe
-    # for them, and the trainer never writes to the read-only buffers it receives.
+    # for them. (After Ray's import, which installs its own filter for this category.)
     from ray._private.tensor_serialization_utils import ZeroCopyTensorsWarning
     warnings.filterwarnings("ignore", category=ZeroCopyTensorsWarning)
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    return config_from_dict(cfg)
+    return checked_from_dict(cfg)
 
 
 def place_on_assigned_gpu(config: Config, role: str) -> None:

@@ -15,11 +15,11 @@ class RunMetrics:
         self.steps_total = Gauge("laten_steps_total", "optimizer steps of the run", tag_keys=keys)
         self.lm_loss = Gauge("laten_lm_loss", "LM loss of the last step", tag_keys=keys)
         self.reg_loss = Gauge("laten_reg_loss", "regularizer loss of the last step", tag_keys=keys)
-        self.step_seconds = Gauge("laten_step_seconds", "trainer seconds of the last step", tag_keys=keys)
+        self.step_seconds = Gauge("laten_step_seconds", "the target's seconds for the last step", tag_keys=keys)
         self.wait_seconds = Gauge("laten_slice_wait_seconds",
-                                  "seconds the trainer waited for the last step's slices", tag_keys=keys)
+                                  "seconds the target waited for the last step's slices", tag_keys=keys)
         self.in_flight = Gauge("laten_examples_in_flight",
-                               "extract examples requested from the source, not yet trained on",
+                               "extract examples asked of the source and not yet trained on",
                                tag_keys=keys)
         self.attribution_seconds = Counter("laten_attribution_seconds",
                                            "seconds spent in attribution, per role",
@@ -32,7 +32,7 @@ class RunMetrics:
         if attribution_s > 0:
             self.attribution_seconds.inc(attribution_s, {**self.tags, "role": "source"})
 
-    def trainer_step(self, m: dict, in_flight: int) -> None:
+    def target_step(self, m: dict, in_flight: int) -> None:
         self.step.set(m["step"], self.tags)
         self.steps_total.set(m["steps"], self.tags)
         self.lm_loss.set(m["lm_loss"], self.tags)

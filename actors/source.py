@@ -1,13 +1,13 @@
-"""The source actor (`laten-source`): the source model, a few extract examples ahead of the trainer."""
+"""The source actor (`laten-source`): the source model, a few extract examples ahead of the target."""
 from __future__ import annotations
 
 import ray
 
 from laten_ray.arch import shape_of
-from laten_ray.data import load_examples
-from laten_ray.locate import neuron_counts
+from laten_ray.data import read_examples
+from laten_ray.locate import Source, neuron_counts
 from laten_ray.models import read_model_config
-from laten_ray.train import SourceSide, group_of, n_steps
+from laten_ray.train import group_of, n_steps
 
 from .common import actor_config, place_on_assigned_gpu, process_info
 from .metrics import RunMetrics
@@ -21,12 +21,13 @@ class SourceActor:
 
     Steps are attributed in the same fixed groups as the single-process run (`group_of`), so
     both select exactly the same neurons; the rest of a group waits here until asked for."""
+    name = "laten-source"
 
     def __init__(self, cfg: dict, num_cpus: float = 1.0):
         self.cfg = actor_config(cfg, num_cpus)
         place_on_assigned_gpu(self.cfg, "source")
-        self.side = SourceSide(self.cfg)
-        self.extract = load_examples(self.cfg.data.extract)
+        self.source = Source(self.cfg)
+        self.extract = read_examples(self.cfg.data.extract)
         self.total = n_steps(self.cfg, len(self.extract))
         self.target = shape_of(read_model_config(self.cfg.target.model))
         self.counts = neuron_counts(self.target, self.cfg.transfer.rate, self.cfg.transfer.modules)
@@ -35,20 +36,20 @@ class SourceActor:
         self.metrics = RunMetrics(self.cfg.name)
 
     def info(self) -> dict:
-        return {**process_info(), "d_source": self.side.arch.shape.hidden}
+        return {**process_info(), "d_source": self.source.arch.shape.hidden}
 
     def locate(self, step: int) -> dict:
         """{"step", "located": Located with slices {module: [L_t, K, d_s]}, "attribution_s"}."""
         if step not in self.ready:
             members = group_of(step, self.total, self.cfg.attribution.batch_size)
             examples = [self.extract[s % len(self.extract)] for s in members]
-            self.ready = dict(zip(members, self.side.locate(examples, self.target, self.counts,
-                                                            on_cpu=self.on_cpu)))
+            self.ready = dict(zip(members, self.source.locate(examples, self.target, self.counts,
+                                                              on_cpu=self.on_cpu)))
         located = self.ready.pop(step)
         # One device for every tensor, as the transport needs it; contiguous for zero-copy.
-        device = self.side.model.device if not self.on_cpu else "cpu"
-        for field in ("layers", "index", "score", "slices"):
+        device = self.source.model.device if not self.on_cpu else "cpu"
+        for field in ("layers", "index", "slices"):
             setattr(located, field, {m: t.to(device).contiguous() for m, t in getattr(located, field).items()})
-        seconds, self.side.attribution_seconds = self.side.attribution_seconds, 0.0
+        seconds = self.source.take_seconds()
         self.metrics.source_sent(located.nbytes(), seconds)
         return {"step": step, "located": located, "attribution_s": seconds}

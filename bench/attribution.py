@@ -31,8 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from common import peak_rss_bytes, random_llama, reset_peak_rss, rss_bytes  # bench/common.py
 from laten_ray.arch import Arch
 from laten_ray.attribution import Scores, attribute, capture, score_captured
-from laten_ray.data import attribution_batch, attribution_ids, load_examples
-from laten_ray.models import build_tokenizer
+from laten_ray.builtin.tiny import build_tokenizer
+from laten_ray.data import attribution_batch, attribution_ids, read_examples
 from laten_ray.reference import _trace
 
 GiB = 1 << 30
@@ -85,7 +85,7 @@ def per_neuron_sample(arch: Arch, tokenizer, example, ffn_idx: torch.Tensor, att
     g = arch.final_norm().weight.float()  # [d]
     ids, w = attribution_ids(tokenizer, example)
     got = _trace(arch, ids)
-    r = torch.sqrt(got["final"].pow(2).mean() + s.eps)
+    r = torch.sqrt(got["resid_final"].pow(2).mean() + s.eps)
 
     def log_p(y: torch.Tensor) -> float:
         return torch.log_softmax(head @ (g * y / r), dim=-1)[w].item()
@@ -96,19 +96,19 @@ def per_neuron_sample(arch: Arch, tokenizer, example, ffn_idx: torch.Tensor, att
     t_fixed, t_ffn, t_attn = time.perf_counter() - t0, 0.0, 0.0
     for i in range(L):
         t0 = time.perf_counter()
-        h_in = got["h"][i]
-        h_mid = h_in + got["a"][i]
-        m = arch.part(i, "down")(got["c"][i].to(arch.weight(i, "down").dtype)).float()
+        h_in = got["resid_pre"][i]
+        h_mid = h_in + got["attn_out"][i]
+        m = arch.part(i, "down")(got["mlp_act"][i].to(arch.weight(i, "down").dtype)).float()
         base_in, base_mid = log_p(h_in), log_p(h_mid)
         layer_attn[i] = base_mid - base_in
         layer_ffn[i] = log_p(h_mid + m) - base_mid
         w_down, w_o = arch.weight(i, "down").float(), arch.weight(i, "o").float()
         t1 = time.perf_counter()
         for j, k in enumerate(ffn_idx[i].tolist()):
-            ffn[i, j] = log_p(h_mid + got["c"][i][k] * w_down[:, k]) - base_mid
+            ffn[i, j] = log_p(h_mid + got["mlp_act"][i][k] * w_down[:, k]) - base_mid
         t2 = time.perf_counter()
         for j, k in enumerate(attn_idx[i].tolist()):
-            attn[i, j] = log_p(h_in + got["z"][i][k] * w_o[:, k]) - base_in
+            attn[i, j] = log_p(h_in + got["attn_heads"][i][k] * w_o[:, k]) - base_in
         t3 = time.perf_counter()
         t_fixed, t_ffn, t_attn = t_fixed + t1 - t0, t_ffn + t2 - t1, t_attn + t3 - t2
     return dict(ffn=ffn, attn=attn, layer_attn=layer_attn, layer_ffn=layer_ffn,
@@ -196,7 +196,7 @@ def qwen_worker(args) -> None:
     """In a fresh process: build the model, run attribute, print one JSON line of measurements."""
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
-    examples = load_examples(args.data)[:args.qwen_examples]
+    examples = read_examples(args.data, limit=args.qwen_examples)
     t0 = time.perf_counter()
     model = qwen_model()
     build_s = time.perf_counter() - t0
@@ -267,7 +267,7 @@ def main() -> None:
         return qwen_worker(args)
     if not args.skip_llama:
         tokenizer = build_tokenizer()
-        examples = load_examples(args.data)[:args.examples]
+        examples = read_examples(args.data, limit=args.examples)
         llama_part(args, tokenizer, examples)
     if not args.skip_qwen:
         qwen_part(args)

@@ -62,7 +62,7 @@ def vllm_tokens_per_s(folder: Path, prompts: list[list[int]], max_tokens: int) -
 
 
 def sandbox_programs_per_s(n: int) -> float:
-    from laten_ray.sandbox import Limits, run_programs
+    from laten_ray.eval.sandbox import Limits, run_programs
     t0 = time.perf_counter()
     outcomes = run_programs(["assert 1 + 1 == 2\n"] * n, Limits(timeout_s=10))
     assert all(o.passed for o in outcomes)

@@ -3,7 +3,7 @@
 Runs attribution for 8 examples on each model, then 2 training steps (source locate + target
 locate + hypernetwork step), on one GPU, and prints seconds per phase and peak GPU memory.
 
-    python bench/gpu_llama.py [--shapes llama2 | tiny] [--data FILE.jsonl] [--out FILE.json]
+    python bench/gpu_llama.py [--shapes llama2 | tiny] [--data SPEC] [--out FILE.json]
 
 `--shapes tiny` runs the same script with small shapes on CPU, to check it before a GPU run.
 """
@@ -19,11 +19,11 @@ import torch
 from common import random_llama  # bench/common.py
 from laten_ray.arch import Arch
 from laten_ray.attribution import attribute
-from laten_ray.config import config_from_dict
-from laten_ray.data import lm_batch, load_examples
-from laten_ray.locate import locate_source, locate_target, neuron_counts
-from laten_ray.models import build_tokenizer
-from laten_ray.train import SourceSide, TrainerSide, hypernet_backward
+from laten_ray.builtin.tiny import build_tokenizer
+from laten_ray.checks import checked_from_dict
+from laten_ray.data import lm_batch, read_examples
+from laten_ray.locate import Source, locate_source, locate_target, neuron_counts
+from laten_ray.train import TargetTraining, hypernet_backward
 
 SHAPES = {
     "llama2": {  # Llama-2-13B and Llama-2-7B
@@ -63,36 +63,37 @@ def build(shape: dict, device: str, dtype: torch.dtype, seed: int):
                         max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
-def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
+def sparse_vs_dense(side: TargetTraining, located, results: dict) -> None:
     """Memory and time of one more hypernetwork step (same batch, same slices) with sparse
     injection vs full-size dense deltas (bench/train_step.py's dense_weights)."""
     from train_step import make_micro_step  # bench/train_step.py
-    arch, t = trainer.arch, trainer.cfg.train
-    index = {m: i.to(trainer.device) for m, i in trainer.selections[1].index.items()}
-    examples = trainer.batch_examples(1)
-    batches = [lm_batch(trainer.tokenizer, examples[i:i + t.micro_batch_size], 512)
+    target, hypernet, t = side.target, side.trainer.hypernet, side.cfg.train
+    arch = target.arch
+    index = {m: i.to(target.model.device) for m, i in side.select(1).index.items()}  # [L_t, K]
+    examples = side.batch_examples(1)
+    batches = [lm_batch(target.tokenizer, examples[i:i + t.micro_batch_size], 512)
                for i in range(0, len(examples), t.micro_batch_size)]
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
     for variant in ("sparse", "dense", "sparse+checkpointing"):
         if variant == "sparse+checkpointing":  # the target's layers recomputed in backward
-            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            trainer.model.train()
-        trainer.hypernet.zero_grad(set_to_none=True)
+            target.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            target.model.train()
+        hypernet.zero_grad(set_to_none=True)
         sync()
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         lm, _ = timed(f"{variant} step, no optimizer (16 examples)", results,
-                      lambda: hypernet_backward(trainer.hypernet, located.slices, batches,
+                      lambda: hypernet_backward(hypernet, located.slices, batches,
                                                 make_micro_step(variant.split("+")[0], arch, index, n_tokens),
                                                 t.reg_lambda))
         if torch.cuda.is_available():
             results[f"{variant}_step_extra_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
             print(f"    {variant}: lm_loss {lm:.5f}, peak above the loaded state "
                   f"{results[f'{variant}_step_extra_gib']} GiB", flush=True)
-    trainer.model.eval()
-    trainer.hypernet.zero_grad(set_to_none=True)
+    target.model.eval()
+    hypernet.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
         ratio = results["dense_step_extra_gib"] / max(results["sparse_step_extra_gib"], 1e-9)
         results["dense_over_sparse_memory"] = round(ratio, 2)
@@ -102,7 +103,8 @@ def sparse_vs_dense(trainer: TrainerSide, located, results: dict) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama2", choices=SHAPES)
-    ap.add_argument("--data", default="demo:train", help="jsonl of chat messages (align + extract)")
+    ap.add_argument("--data", default="demo:train",
+                    help="data spec (align + extract), e.g. data/gsm/gsm_train_split.jsonl")
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--chunk-mb", type=int, default=2048)
@@ -113,7 +115,7 @@ def main():
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "shapes": args.shapes, "rate": args.rate}
     tok = build_tokenizer()
-    examples = load_examples(args.data, limit=24)
+    examples = read_examples(args.data, limit=24)
     extract, align = examples[:8], examples[8:]
 
     shapes = SHAPES[args.shapes]
@@ -133,23 +135,23 @@ def main():
     results["slice_mb"] = round(located.nbytes() / 2**20, 1)
     print(f"slices per step: {results['slice_mb']} MB  K={counts}", flush=True)
 
-    cfg = config_from_dict({
+    cfg = checked_from_dict({
         "name": "gpu-bench", "output_dir": "/tmp/laten-gpu-bench",
         "source": {"model": "tiny:llama-source"}, "target": {"model": "tiny:llama-target"},
         "data": {"align": args.data, "extract": args.data, "max_length": 512},
         "transfer": {"rate": args.rate}, "attribution": {"chunk_mb": args.chunk_mb},
         "train": {"steps": 2, "align_per_step": 15, "micro_batch_size": args.micro_batch}})
-    source = SourceSide(cfg, model=source_model, tokenizer=tok)
-    trainer = timed("trainer setup (hypernet, optimizer)", results,
-                    lambda: TrainerSide(cfg, src.shape.hidden, model=target_model, tokenizer=tok))
-    trainer.extract, trainer.align = extract, align
+    source = Source(cfg, model=source_model, tokenizer=tok)
+    side = timed("trainer setup (hypernet, optimizer)", results,
+                 lambda: TargetTraining(cfg, src.shape.hidden, model=target_model, tokenizer=tok))
+    side.extract, side.align = extract, align
     for step in range(2):
         loc = timed(f"step {step + 1}: source locate (1 example)", results,
-                    lambda: source.locate([extract[step]], tgt.shape, trainer.counts)[0])
-        m = timed(f"step {step + 1}: trainer step (16 examples)", results, lambda: trainer.step(step, loc))
+                    lambda: source.locate([extract[step]], tgt.shape, side.target.counts)[0])
+        m = timed(f"step {step + 1}: trainer step (16 examples)", results, lambda: side.step(step, loc))
         print(f"    lm_loss {m['lm_loss']:.4f}  reg {m['reg_loss']:.3e}  tokens {m['tokens']}  "
               f"target attribution {m['target_attribution_s']:.2f} s", flush=True)
-    sparse_vs_dense(trainer, loc, results)
+    sparse_vs_dense(side, loc, results)
     if device == "cuda":
         results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"peak GPU memory allocated: {results['peak_gpu_gib']} GiB", flush=True)

@@ -34,7 +34,7 @@ def main() -> None:
 
     from jobs.train import train_on_ray
     from laten_ray.checkpoint import checkpoint_steps, load_checkpoint
-    from laten_ray.config import config_from_dict
+    from laten_ray.checks import checked_from_dict
     from laten_ray.train import train
 
     n_gpus = torch.cuda.device_count()
@@ -50,7 +50,7 @@ def main() -> None:
                 "transfer": {"rate": 0.25}, "hypernet": {"init_std": 0.02},
                 "attribution": {"batch_size": 2},
                 "train": {"steps": args.steps, "align_per_step": 7, "micro_batch_size": 8, "lr": 1e-3},
-                "ray": {"transport": transport, "source": {"num_gpus": share}, "trainer": {"num_gpus": share}}}
+                "ray": {"transport": transport, "source": {"num_gpus": share}, "target": {"num_gpus": share}}}
 
     def hypernet(name: str) -> dict:
         run = root / name
@@ -58,14 +58,14 @@ def main() -> None:
 
     report = {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)], "steps": args.steps}
     t0 = time.perf_counter()
-    train(config_from_dict(cfg("single", "object_store")))
+    train(checked_from_dict(cfg("single", "object_store")))
     report["single_process_s"] = time.perf_counter() - t0
     reference = hypernet("single")
     ray.init(num_cpus=4, num_gpus=n_gpus, include_dashboard=False)
     for transport in ("object_store", direct):
         steps: list[dict] = []
         t0 = time.perf_counter()
-        train_on_ray(config_from_dict(cfg(transport, transport)), on_step=steps.append)
+        train_on_ray(checked_from_dict(cfg(transport, transport)), on_step=steps.append)
         got = hypernet(transport)
         report[transport] = {
             "job_s": time.perf_counter() - t0,

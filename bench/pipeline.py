@@ -1,12 +1,12 @@
-"""Source/trainer pipelining on Ray: the same training job with look-ahead 0 (the two actors
+"""Source/target pipelining on Ray: the same training job with look-ahead 0 (the two actors
 strictly alternate) and look-ahead 2, side by side in one run on one local Ray instance.
 
 Prints the steady-state seconds per step of both and their ratio (target: look-ahead 2 at most
 0.65x of look-ahead 0), the slice bytes sent per step against the full source model's size,
-and the share of each step the trainer spent waiting for slices.
+and the share of each step the target spent waiting for slices.
 
 The two random Llamas (vocabulary of the tiny tokenizer) are sized so that one example's
-source attribution costs about what one trainer step costs; each actor gets one CPU thread.
+source attribution costs about what one target step costs; each actor gets one CPU thread.
 
     python bench/pipeline.py [--steps 12] [--device cpu|cuda] [--transport object_store]
 """
@@ -28,13 +28,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.common import random_llama  # noqa: E402
-from laten_ray.models import TINY_VOCAB, build_tokenizer  # noqa: E402
+from laten_ray.builtin.tiny import TINY_VOCAB, build_tokenizer  # noqa: E402
 
 
 def build(folder: Path, tokenizer, seed: int, dtype: str, device: str, **shape) -> int:
     """Save a random Llama with the tiny tokenizer; return its size in bytes."""
-    from laten_ray.models import DTYPES
-    model = random_llama(TINY_VOCAB, seed=seed, dtype=DTYPES[dtype], device=device, **shape)
+    from laten_ray.models import TORCH_DTYPES
+    model = random_llama(TINY_VOCAB, seed=seed, dtype=TORCH_DTYPES[dtype], device=device, **shape)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -55,15 +55,15 @@ def config(models: Path, out: Path, name: str, lookahead: int, args) -> dict:
         "ray": {"lookahead": lookahead, "transport": args.transport,
                 # both actors share this machine's one GPU when there is one
                 "source": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {})},
-                "trainer": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {})}},
+                "target": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {})}},
     }
 
 
 def run(cfg_dict: dict) -> list[dict]:
     from jobs.train import train_on_ray
-    from laten_ray.config import config_from_dict
+    from laten_ray.checks import checked_from_dict
     steps: list[dict] = []
-    train_on_ray(config_from_dict(cfg_dict), on_step=steps.append)
+    train_on_ray(checked_from_dict(cfg_dict), on_step=steps.append)
     return steps
 
 
@@ -71,7 +71,7 @@ def summary(steps: list[dict], warmup: int) -> dict:
     steady = steps[warmup:]
     wall = [m["wall_s"] for m in steady]
     return {"step_s": statistics.mean(wall), "step_s_median": statistics.median(wall),
-            "trainer_s": statistics.mean(m["step_s"] for m in steady),
+            "target_s": statistics.mean(m["step_s"] for m in steady),
             "source_s": statistics.mean(m["source_attribution_s"] for m in steady),
             "wait_share": sum(m["slice_wait_s"] for m in steady) / sum(wall),
             "slice_bytes": statistics.mean(m["slice_bytes"] for m in steady)}
@@ -111,7 +111,7 @@ def main() -> None:
         results[lookahead] = summary(steps, args.warmup)
         r = results[lookahead]
         print(f"look-ahead {lookahead}: {r['step_s']:.3f} s/step (median {r['step_s_median']:.3f}); "
-              f"trainer busy {r['trainer_s']:.3f} s, source attribution {r['source_s']:.3f} s per step; "
+              f"target busy {r['target_s']:.3f} s, source attribution {r['source_s']:.3f} s per step; "
               f"waiting for slices {100 * r['wait_share']:.1f}% of the step; job {time.perf_counter() - t0:.1f} s",
               flush=True)
     ray.shutdown()

@@ -3,10 +3,10 @@
     python bench/train_step.py
     python bench/train_step.py --micro-batch 16
 
-Both variants run the same step as laten_ray.train.TrainerSide.step, minus the target's own
-attribution (not what is measured here): hypernet forward, deltas as leaves, LM loss over
-micro-batches (summed, normalised by answer tokens), reg = lambda * mean(delta^2) per module,
-backward through the hypernet, AdamW step.
+Both variants run the same step as laten_ray.train.Trainer.step (TargetTraining.step minus the
+target's own attribution, not what is measured here): hypernet forward, deltas as leaves, LM
+loss over micro-batches (summed, normalised by answer tokens), reg = lambda * mean(delta^2) per
+module, backward through the hypernet, AdamW step.
   sparse  laten_ray.inject.injected: forward hooks touch only the K rows/columns
   dense   for every layer and module a full-size zero matrix D gets the K rows/columns written in
           (index_put, differentiable) and the target runs with W + D via torch.func.functional_call
@@ -29,11 +29,11 @@ from torch.func import functional_call
 
 from common import peak_rss_bytes, random_llama, reset_peak_rss, rss_bytes  # bench/common.py
 from laten_ray.arch import MODULES, NEURON_AXIS, Arch
-from laten_ray.data import lm_batch, load_examples
+from laten_ray.builtin.tiny import build_tokenizer
+from laten_ray.data import lm_batch, read_examples
 from laten_ray.hypernet import HyperNet
 from laten_ray.inject import injected
 from laten_ray.locate import neuron_counts
-from laten_ray.models import build_tokenizer
 from laten_ray.train import answer_loss, hypernet_backward
 
 MiB = 1 << 20
@@ -108,7 +108,7 @@ def worker(args) -> None:
     timed steps; print one JSON line."""
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
-    examples = (load_examples("demo:extract")[:1] + load_examples("demo:align"))[:args.examples]
+    examples = (read_examples("demo:extract", limit=1) + read_examples("demo:align"))[:args.examples]
     batches = [lm_batch(tokenizer, examples[i:i + args.micro_batch], args.max_length)
                for i in range(0, len(examples), args.micro_batch)]
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

@@ -1,24 +1,25 @@
-"""The `laten` command: attribute, train and merge in this process."""
+"""The `laten` command: attribute, train, merge, evaluate and serve (`laten serve` is jobs/serve.py)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from laten_ray import entry
 
 
 def _attribute(args) -> None:
     import torch
     from safetensors.torch import save
 
-    from . import checkpoint as ckpt
-    from .arch import Arch, shape_of
-    from .attribution import attribute
-    from .data import load_examples
-    from .models import load_model, load_tokenizer, pick_device, read_model_config
+    from laten_ray import checkpoint as ckpt
+    from laten_ray.arch import Arch, shape_of
+    from laten_ray.attribution import attribute
+    from laten_ray.data import read_examples
+    from laten_ray.models import load_model, load_tokenizer, pick_device, read_model_config
 
     shape_of(read_model_config(args.model))  # a missing folder or unsupported family fails here
-    examples = load_examples(args.data, args.limit)
+    examples = read_examples(args.data, args.limit)
     model = load_model(args.model, args.dtype, pick_device(args.device))
     scores = attribute(Arch(model), load_tokenizer(args.model), examples, args.batch_size,
                        args.chunk_mb << 20)
@@ -29,10 +30,10 @@ def _attribute(args) -> None:
 
 
 def _train(args) -> None:
-    from .config import load_config
-    from .train import format_progress, train
+    from laten_ray.checks import load_checked
+    from laten_ray.train import format_progress, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_checked(args.config, args.overrides)
     if args.ray:  # the same driver as `ray job submit ... -- python -m jobs.train`
         from jobs.train import progress_line, train_on_ray
         run_dir = train_on_ray(cfg, args.address, on_step=lambda m: print(progress_line(m), flush=True))
@@ -44,16 +45,24 @@ def _train(args) -> None:
 
 
 def _merge(args) -> None:
-    from .config import load_config
-    from .merge import merge
+    from laten_ray.checks import load_checked
+    from laten_ray.merge import merge
 
-    cfg = load_config(args.config, args.overrides)
-    out = merge(cfg, args.step, args.rate, args.out, overwrite=args.overwrite)
+    if (args.config is None) == (args.run is None):
+        raise ValueError("merge: give --run DIR (a run folder) or --config FILE, not both")
+    config = args.config or Path(args.run) / "config.yaml"
+    if args.run and not Path(config).is_file():
+        raise FileNotFoundError(f"--run {args.run}: no config.yaml there (is it a run folder?)")
+    cfg = load_checked(config, args.overrides)
+    if args.run:  # the folder as it is now, wherever it was when the run started
+        run = Path(args.run).resolve()
+        cfg.output_dir, cfg.name = str(run.parent), run.name
+    out = merge(cfg, args.step, args.rate, args.out or cfg.run_dir / "merged", overwrite=args.overwrite)
     print(f"merged model: {out}")
 
 
 def _evaluate(args) -> None:
-    from .evaluate import evaluate, print_summary, settings_from_args
+    from laten_ray.eval.evaluate import evaluate, print_summary, settings_from_args
 
     summary = evaluate(args.model, args.task, args.data, args.out, settings_from_args(args), args.limit)
     print_summary(summary, args.out)
@@ -65,14 +74,14 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attribute", help="neuron and layer attribution scores of a model")
     a.add_argument("--model", required=True, help="HF model folder or tiny:NAME")
-    a.add_argument("--data", required=True, help="jsonl of chat `messages` (or demo:SPLIT)")
+    a.add_argument("--data", required=True, help="a data spec: data/..., FILE.jsonl, DIR, hf:NAME[:CONFIG]:SPLIT, demo:SPLIT")
     a.add_argument("--limit", type=int, default=None, help="use the first N examples")
     a.add_argument("--out", required=True, help="output .safetensors")
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a.add_argument("--device", default="auto")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--chunk-mb", type=int, default=256)
-    a.set_defaults(run=_attribute)
+    a.set_defaults(handler=_attribute)
 
     t = sub.add_parser("train", help="train the hypernetwork (resumes from the last checkpoint)")
     t.add_argument("--config", required=True)
@@ -81,21 +90,22 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None,
                    help="with --ray: the cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4")
-    t.set_defaults(run=_train)
+    t.set_defaults(handler=_train)
 
     m = sub.add_parser("merge", help="write the merged target model folder")
-    m.add_argument("--config", required=True)
+    m.add_argument("--run", default=None, help="a run folder: its saved config.yaml is the config")
+    m.add_argument("--config", default=None, help="the run's config file (instead of --run)")
     m.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     m.add_argument("--rate", type=float, default=None, help="transfer rate (default: the config's)")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", default=None, help="default: RUN/merged")
     m.add_argument("--overwrite", action="store_true", help="replace an earlier merged folder at --out")
     m.add_argument("overrides", nargs="*", help="key=value")
-    m.set_defaults(run=_merge)
+    m.set_defaults(handler=_merge)
 
     e = sub.add_parser("evaluate", help="batch evaluation on gsm8k, mmlu, humaneval or mbpp")
-    from .evaluate import add_arguments as add_evaluate_arguments
+    from laten_ray.eval.evaluate import add_arguments as add_evaluate_arguments
     add_evaluate_arguments(e)
-    e.set_defaults(run=_evaluate)
+    e.set_defaults(handler=_evaluate)
 
     # its options live with the server (jobs/serve.py), which imports Ray Serve only when used
     v = sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP API on Ray Serve "
@@ -110,17 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.serve import main as serve_main
         return serve_main(argv[1:], prog="laten serve")
     args = parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    from .config import ConfigError
-    from .data import DataError
-    try:
-        args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"laten: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return entry.run(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The entry point of `ray job submit ... -- python -m jobs.train ...` and of `laten train --ray`.
 This driver only schedules: it holds ObjectRefs, never the slices. The source actor runs up to
-`ray.lookahead` extract examples ahead of the trainer; if either actor dies, Ray restarts it
-and the run goes on from the trainer's last checkpoint, to the same result.
+`ray.lookahead` extract examples ahead of the target actor; if either dies, Ray restarts it and
+the run goes on from the target's last checkpoint, to the same result.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-# Set before Ray starts, for this driver and (through runtime_env) for the actors.
-ACTOR_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
+from laten_ray import entry
+
 PASSED_ON = ("LATEN_CACHE", "HF_HOME", "HF_HUB_OFFLINE")  # forwarded to the actors when set here
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 600  # a restarted actor reloads its model
@@ -34,7 +34,7 @@ def resolve_output_dir(cfg) -> None:
 
 def actor_resources(cfg, role: str) -> dict:
     """num_cpus / num_gpus of one actor: the config's, or 1 GPU when the model is on cuda."""
-    a = getattr(cfg.ray, "trainer" if role == "target" else "source")
+    a = getattr(cfg.ray, role)
     gpus = a.num_gpus if a.num_gpus is not None else (1.0 if getattr(cfg, role).device.startswith("cuda") else 0.0)
     return {"num_cpus": a.num_cpus, "num_gpus": gpus}
 
@@ -48,7 +48,7 @@ class Pipeline:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.source import SourceActor
-        from actors.trainer import TrainerActor
+        from actors.target import TargetActor
 
         self.cfg = cfg
         res = {role: actor_resources(cfg, role) for role in ("source", "target")}
@@ -62,8 +62,8 @@ class Pipeline:
             from laten_ray.config import ConfigError
             raise ConfigError(f"ray: the cluster has no room for the actors' bundles {bundles} "
                                f"(strategy {cfg.ray.placement_strategy}) after {PLACEMENT_TIMEOUT_S} s; "
-                               f"it has {ray.cluster_resources()}; change ray.source / ray.trainer")
-        env = {**ACTOR_ENV, **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
+                               f"it has {ray.cluster_resources()}; change ray.source / ray.target")
+        env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
         cfg_dict = cfg.to_dict()
 
         def options(name: str, bundle: int, role: str) -> dict:
@@ -74,13 +74,13 @@ class Pipeline:
         # Direct transport must be enabled on the class itself, not through .options()
         remote = ray.remote(max_restarts=cfg.ray.max_restarts,
                             enable_tensor_transport=cfg.ray.transport != "object_store")
-        self.source = remote(SourceActor).options(**options("laten-source", 0, "source")).remote(
+        self.source = remote(SourceActor).options(**options(SourceActor.name, 0, "source")).remote(
             cfg_dict, res["source"]["num_cpus"])
-        self.trainer = remote(TrainerActor).options(**options("laten-trainer", 1, "target")).remote(
+        self.target = remote(TargetActor).options(**options(TargetActor.name, 1, "target")).remote(
             cfg_dict, d_source, res["target"]["num_cpus"])
         self.group = None
         self.pids: dict[str, int] = {}
-        self.window: deque = deque()  # (step, trainer ObjectRef) in flight, oldest first
+        self.window: deque = deque()  # (step, target ObjectRef) in flight, oldest first
 
     def connect(self) -> int:
         """Wait until both actors are up (after a restart too); return the steps already done."""
@@ -88,7 +88,7 @@ class Pipeline:
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while True:  # a restarting actor answers "unavailable" until its __init__ has run
             try:
-                source, trainer = ray.get([self.source.info.remote(), self.trainer.info.remote()])
+                source, target = ray.get([self.source.info.remote(), self.target.info.remote()])
                 break
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
@@ -98,18 +98,18 @@ class Pipeline:
             from ray.experimental import collective
             if self.group is not None:
                 collective.destroy_collective_group(self.group)
-            self.group = collective.create_collective_group([self.source, self.trainer],
+            self.group = collective.create_collective_group([self.source, self.target],
                                                             backend=self.cfg.ray.transport)
-        pids = {"laten-source": source["pid"], "laten-trainer": trainer["pid"]}
+        pids = {"laten-source": source["pid"], "laten-target": target["pid"]}
         for name, pid in pids.items():
             if self.pids.get(name, pid) != pid:
                 print(f"{name} was restarted (process {self.pids[name]} -> {pid})", flush=True)
         self.pids = pids
-        self.total = trainer["total"]
-        return trainer["done"]
+        self.total = target["total"]
+        return target["done"]
 
     def run(self, done: int, on_step) -> None:
-        """Steps `done`.. to the end, keeping up to `lookahead` source results ahead of the trainer."""
+        """Steps `done`.. to the end, keeping up to `lookahead` source results ahead of the target."""
         import ray
         locate = self.source.locate
         if self.cfg.ray.transport != "object_store":
@@ -118,8 +118,8 @@ class Pipeline:
         last = time.perf_counter()
         while done < self.total:
             while nxt < self.total and nxt <= done + self.cfg.ray.lookahead:
-                sent = locate.remote(nxt)  # an ObjectRef: Ray hands it to the trainer directly
-                self.window.append((nxt, self.trainer.step.remote(nxt, sent, nxt - done)))
+                sent = locate.remote(nxt)  # an ObjectRef: Ray hands it to the target directly
+                self.window.append((nxt, self.target.step.remote(nxt, sent, nxt - done)))
                 nxt += 1
             step, ref = self.window[0]
             metrics = ray.get(ref)
@@ -128,11 +128,11 @@ class Pipeline:
             metrics["wall_s"], last = now - last, now
             done = step + 1
             on_step(metrics)
-        ray.get(self.trainer.flush.remote())  # the last checkpoint is written in the background
+        ray.get(self.target.flush.remote())  # the last checkpoint is written in the background
 
     def drain(self) -> None:
         """After a failure: let the steps still queued finish or fail. A step that still runs
-        is the one the trainer expects (it computes what the retry would); the others fail."""
+        is the one the target expects (it computes what the retry would); the others fail."""
         import ray
         while self.window:
             try:
@@ -142,7 +142,7 @@ class Pipeline:
 
     def close(self) -> None:
         import ray
-        for actor in (self.source, self.trainer):
+        for actor in (self.source, self.target):
             ray.kill(actor, no_restart=True)
         ray.util.remove_placement_group(self.pg)
 
@@ -159,8 +159,7 @@ def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
     resolve_output_dir(cfg)
     run_dir = prepare_run_dir(cfg)  # a clash with an earlier run's config fails here, before Ray
     d_source = shape_of(read_model_config(cfg.source.model)).hidden
-    for k, v in ACTOR_ENV.items():
-        os.environ.setdefault(k, v)
+    entry.set_process_defaults()
     if not ray.is_initialized():
         ray.init(address=address, namespace=f"laten-{cfg.name}", log_to_driver=True)
     print(f"run folder: {run_dir}", flush=True)
@@ -201,16 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the job's or a new local one)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 ray.lookahead=4")
     args = p.parse_args(argv)
-    from laten_ray.config import ConfigError, load_config
-    from laten_ray.data import DataError
-    try:
-        cfg = load_config(args.config, args.overrides)  # every config error fails here, fast
+
+    def run() -> None:
+        from laten_ray.checks import load_checked
+        cfg = load_checked(args.config, args.overrides)  # every config error fails here, fast
         run_dir = train_on_ray(cfg, args.address, on_step=lambda m: print(progress_line(m), flush=True))
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"laten: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(f"done: {run_dir}", flush=True)
-    return 0
+        print(f"done: {run_dir}", flush=True)
+    return entry.run(run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Locate, part 1: how much each layer and neuron raises log P(answer's last token) (DESIGN.md §1).
+"""Locate, part 1: how much each layer and neuron raises log P(answer's last token) (docs/method.md §1).
 
 For a residual vector y at the last position T, log P(w | y) = log softmax(W_U (g * y) / r)[w],
 with r the RMS of the last layer's output at T, frozen per example. Once r is frozen the map is
@@ -14,6 +14,7 @@ import torch
 
 from .arch import Arch
 from .data import Example, attribution_batch
+from .hooks import capturing
 
 
 @dataclass
@@ -44,14 +45,15 @@ class Scores:
 
 @dataclass
 class Captured:
-    """Residual-stream pieces at each example's last position, float32. B examples, L layers."""
-    h_in: torch.Tensor  # [B, L, d]  layer input
-    a: torch.Tensor     # [B, L, d]  attention output
-    m: torch.Tensor     # [B, L, d]  MLP output
-    c: torch.Tensor     # [B, L, f]  MLP activation, input of down_proj
-    z: torch.Tensor     # [B, L, A]  concatenated head outputs, input of o_proj
-    r: torch.Tensor     # [B]        RMS of the last layer's output
-    w: torch.Tensor     # [B]        attributed token
+    """The residual stream at each example's last position (hooks.py names), float32.
+    B examples, L layers."""
+    resid_pre: torch.Tensor   # [B, L, d]  layer input
+    attn_out: torch.Tensor    # [B, L, d]  attention output
+    mlp_out: torch.Tensor     # [B, L, d]  MLP output
+    mlp_act: torch.Tensor     # [B, L, f]  MLP activation, input of down_proj
+    attn_heads: torch.Tensor  # [B, L, A]  concatenated head outputs, input of o_proj
+    rms_final: torch.Tensor   # [B]        r: RMS of the last layer's output, frozen per example
+    token: torch.Tensor       # [B]        w: the attributed token
 
     @staticmethod
     def cat(parts: list["Captured"]) -> "Captured":
@@ -60,46 +62,21 @@ class Captured:
 
 @torch.inference_mode()
 def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
-    """One forward pass with hooks that keep only the last real position of each row."""
+    """One forward pass that keeps only the last real position of each row."""
     device = arch.lm_head().weight.device
     rows = torch.arange(batch["last"].shape[0], device=device)
     last = batch["last"].to(device)
-    L = arch.shape.n_layers
-    store: dict[str, list] = {k: [None] * L for k in ("h_in", "a", "m", "c", "z")}
-    final = {}
 
     def at_last(x: torch.Tensor) -> torch.Tensor:
         return x[rows, last].float()  # [B, T, n] -> [B, n]
 
-    def keep_layer_input(layer):
-        def hook(module, args, kwargs):
-            store["h_in"][layer] = at_last(args[0] if args else kwargs["hidden_states"])
-        return hook
-
-    def keep_in_out(in_name, out_name, layer):
-        def hook(module, args, output):
-            store[in_name][layer] = at_last(args[0])
-            store[out_name][layer] = at_last(output)
-        return hook
-
-    def keep_final(module, args, kwargs):
-        final["x"] = at_last(args[0] if args else kwargs["hidden_states"])
-
-    handles = [arch.final_norm().register_forward_pre_hook(keep_final, with_kwargs=True)]
-    for i in range(L):
-        handles.append(arch.layers[i].register_forward_pre_hook(keep_layer_input(i), with_kwargs=True))
-        handles.append(arch.part(i, "o").register_forward_hook(keep_in_out("z", "a", i)))
-        handles.append(arch.part(i, "down").register_forward_hook(keep_in_out("c", "m", i)))
-    try:
+    with capturing(arch, at_last) as got:
         arch.model(input_ids=batch["input_ids"].to(device),
                    attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    x = final["x"]  # [B, d]
+    x = got.pop("resid_final")  # [B, d]
     r = torch.sqrt(x.pow(2).mean(-1) + arch.shape.eps)  # [B]
-    stacked = {k: torch.stack(v, dim=1) for k, v in store.items()}  # each [B, L, n]
-    return Captured(**stacked, r=r, w=batch["target"].to(device))
+    stacked = {k: torch.stack(v, dim=1) for k, v in got.items()}  # each [B, L, n]
+    return Captured(**stacked, rms_final=r, token=batch["target"].to(device))
 
 
 CPU_BLOCK_BYTES = 4 << 20  # on CPU the logits blocks stay cache-sized: bandwidth-bound otherwise
@@ -157,19 +134,20 @@ def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
     unembed = head.to(torch.float32, copy=True).mul_(norm.float())  # [V, d]: W_U diag(g), one copy
     layer_attn, layer_ffn, ffn, attn = [], [], [], []
     for i in range(s.n_layers):
-        h_in, a, m = cap.h_in[:, i], cap.a[:, i], cap.m[:, i]  # each [B, d]
+        h_in, a, m = cap.resid_pre[:, i], cap.attn_out[:, i], cap.mlp_out[:, i]  # each [B, d]
         h_mid = h_in + a
         B = h_in.shape[0]
-        lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), cap.r.repeat(3), cap.w.repeat(3))
+        r, w = cap.rms_final, cap.token
+        lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), r.repeat(3), w.repeat(3))
         lp_in, lp_mid, lp_out = lp.view(3, B)
         layer_attn.append(lp_mid - lp_in)  # [B]
         layer_ffn.append(lp_out - lp_mid)  # [B]
         w_down = arch.weight(i, "down").float()  # [d, f]
         w_o = arch.weight(i, "o").float()        # [d, A]
-        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.c[:, i], cap.r, cap.w, budget_bytes))
-        attn.append(neuron_scores(unembed, w_o, h_in, cap.z[:, i], cap.r, cap.w, budget_bytes))
+        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.mlp_act[:, i], r, w, budget_bytes))
+        attn.append(neuron_scores(unembed, w_o, h_in, cap.attn_heads[:, i], r, w, budget_bytes))
     stacked = [torch.stack(t, dim=1).cpu() for t in (layer_attn, layer_ffn, ffn, attn)]  # [B, L, ...]
-    return [Scores(*(t[b] for t in stacked), n_examples=1) for b in range(cap.r.shape[0])]
+    return [Scores(*(t[b] for t in stacked), n_examples=1) for b in range(cap.token.shape[0])]
 
 
 def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:

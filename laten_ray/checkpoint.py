@@ -1,11 +1,15 @@
-"""Files that are never seen half-written: write to a temporary name, fsync, then rename."""
+"""Files that are never seen half-written (write to a temporary name, fsync, then rename),
+the run folder's checkpoints, and a writer that saves them while training goes on."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,6 +20,7 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() follows the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -24,6 +29,19 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give a folder made by mkdtemp (0700) and the files in it the modes that plain writes get."""
+    mask = _umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_torch(obj, path: Path) -> None:
@@ -64,3 +82,46 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> dict:
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} under {run_dir}; have {steps}")
     return torch.load(checkpoint_path(run_dir, step), map_location="cpu", weights_only=True)
+
+
+def snapshot(obj):
+    """A copy of a state tree whose tensors are detached CPU copies (training goes on meanwhile)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class BackgroundWriter:
+    """Runs one write at a time in a thread while training goes on. The next `submit`, or
+    `wait`, waits for the last write and raises its error if it failed. A crash before a write
+    ends loses only that write; the caller's data must be a snapshot (it is read later)."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None], name: str = "checkpoint", background: bool = True) -> None:
+        self.wait()
+        if not background:
+            write()
+            return
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - raised again by wait
+                self._error = e
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error

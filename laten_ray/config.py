@@ -1,7 +1,9 @@
-"""Run configuration: YAML -> typed dataclasses, `key=value` overrides, validation before any model loads."""
+"""Run configuration: the schema (typed dataclasses), YAML parsing, `key=value` overrides and
+the checks of values. Checks that read models or data live in checks.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -10,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from .arch import MODULES, shape_of
-from .demo import SPLITS
-from .locate import neuron_counts
-from .models import DTYPES, check_spec, read_model_config
+from .arch import MODULES
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Data specs that are files: relative ones are anchored at the config file (or, given on the
+# command line, at the working directory); `data/...` means the repository's data folder.
+DATA_KEYS = (("data", "align"), ("data", "extract"), ("merge", "seed_data"))
 
 
 class ConfigError(ValueError):
@@ -44,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    align: str = "demo:align"      # jsonl file of chat `messages`, or demo:SPLIT (built in)
+    align: str = "demo:align"      # a data spec (records.py): data/..., FILE.jsonl, DIR, hf:..., demo:SPLIT
     extract: str = "demo:extract"
     max_length: int = 1024         # LM examples are cut here; batches pad to their longest row
     train_on_inputs: bool = False  # LM loss on the prompt too (the paper does this for MMLU)
@@ -109,7 +113,7 @@ class RayConfig:
     placement_strategy: str = "PACK"
     max_restarts: int = 3            # per actor; the run resumes from the last checkpoint
     source: ActorConfig = field(default_factory=ActorConfig)
-    trainer: ActorConfig = field(default_factory=ActorConfig)
+    target: ActorConfig = field(default_factory=ActorConfig)
 
 
 @dataclass
@@ -171,7 +175,8 @@ def _build(cls, data, prefix: str = ""):
     for key in data:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown key {where!r} (known here: {', '.join(sorted(known))})")
+            hint = "; the target role's actor is configured under ray.target" if where == "ray.trainer" else ""
+            raise ConfigError(f"unknown key {where!r} (known here: {', '.join(sorted(known))}){hint}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -193,8 +198,26 @@ def _set_override(tree: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
 
 
+def anchored(spec, base: Path):
+    """A relative data file spec made absolute at `base`; data/..., demo:, hf: and absolute
+    paths are left as they are (data/ is resolved against the repository when read)."""
+    if not isinstance(spec, str) or not spec or spec.startswith(("demo:", "hf:", "data/")) \
+            or Path(spec).is_absolute():
+        return spec
+    return os.path.normpath(base / spec)
+
+
+def _anchor(tree: dict, base: Path, keys) -> None:
+    for section, key in keys:
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = anchored(node[key], base)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read, override, type-check and validate a config; raises ConfigError naming the key."""
+    """Read, override, type-check and check the values of a config; raises ConfigError naming
+    the file and key. Relative data files are anchored at the config file, or at the working
+    directory when an override names them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
@@ -204,8 +227,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    _anchor(tree, path.resolve().parent, DATA_KEYS)
     for item in overrides:
         _set_override(tree, item)
+    overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides}
+    _anchor(tree, Path.cwd(), [k for k in DATA_KEYS if k in overridden])
     try:
         cfg = _build(Config, tree)
         validate(cfg)
@@ -221,15 +247,6 @@ def config_from_dict(tree: dict) -> Config:
 
 
 # --- validation -----------------------------------------------------------------------------
-
-def check_data_spec(spec: str, key: str) -> None:
-    if spec.startswith("demo:"):
-        if spec[5:] not in SPLITS:
-            raise ConfigError(f"{key}: unknown demo split {spec!r} (have: "
-                              f"{', '.join('demo:' + s for s in SPLITS)})")
-    elif not Path(spec).is_file():
-        raise ConfigError(f"{key}: data file {spec!r} not found")
-
 
 def _check_dtype(dtype: str, key: str) -> None:
     if dtype not in DTYPES:
@@ -248,17 +265,9 @@ def validate(cfg: Config) -> None:
         m: ModelConfig = getattr(cfg, role)
         if not m.model:
             raise ConfigError(f"{role}.model: missing (a model folder or tiny:NAME)")
-        try:
-            check_spec(m.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"{role}.model: {e}") from None
         _check_dtype(m.dtype, f"{role}.dtype")
         if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
             raise ConfigError(f"{role}.device: {m.device!r} is not auto, cpu, cuda or cuda:N")
-    check_data_spec(cfg.data.align, "data.align")
-    check_data_spec(cfg.data.extract, "data.extract")
-    if cfg.merge.seed_data:
-        check_data_spec(cfg.merge.seed_data, "merge.seed_data")
     _check_rate(cfg.transfer.rate, "transfer.rate")
     if cfg.merge.rate is not None:
         _check_rate(cfg.merge.rate, "merge.rate")
@@ -288,7 +297,6 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
     _check_ray(cfg)
-    check_models_fit(cfg)
 
 
 def _check_ray(cfg: Config) -> None:
@@ -302,7 +310,7 @@ def _check_ray(cfg: Config) -> None:
     if r.placement_strategy not in STRATEGIES:
         raise ConfigError(f"ray.placement_strategy: {r.placement_strategy!r} is not one of "
                           f"{', '.join(STRATEGIES)}")
-    for role in ("source", "trainer"):
+    for role in ("source", "target"):
         a: ActorConfig = getattr(r, role)
         if a.num_cpus < 0 or (a.num_gpus is not None and a.num_gpus < 0):
             raise ConfigError(f"ray.{role}: num_cpus and num_gpus must not be negative")
@@ -311,27 +319,3 @@ def _check_ray(cfg: Config) -> None:
             if not getattr(cfg, role).device.startswith("cuda"):
                 raise ConfigError(f"ray.transport: {r.transport} moves GPU tensors but "
                                   f"{role}.device is {getattr(cfg, role).device!r}")
-
-
-def check_models_fit(cfg: Config) -> None:
-    """From the two config.json files alone (no weights): supported families, the same
-    vocabulary, a source at least as deep as the target, and enough source neurons for K."""
-    shapes = {}
-    for role in ("source", "target"):
-        try:
-            shapes[role] = shape_of(read_model_config(getattr(cfg, role).model))
-        except ValueError as e:
-            raise ConfigError(f"{role}.model: {e}") from None
-    src, tgt = shapes["source"], shapes["target"]
-    if src.vocab != tgt.vocab:
-        raise ConfigError(f"source.model: vocabulary size {src.vocab} differs from the target's "
-                          f"{tgt.vocab}; LaTen needs models of one family and tokenizer")
-    if src.n_layers < tgt.n_layers:
-        raise ConfigError(f"source.model: {src.n_layers} layers, fewer than the target's {tgt.n_layers}")
-    for key, rate in (("transfer.rate", cfg.transfer.rate), ("merge.rate", cfg.merge.rate)):
-        if rate is None:
-            continue
-        for module, k in neuron_counts(tgt, rate, cfg.transfer.modules).items():
-            if k > src.neurons(module):
-                raise ConfigError(f"{key}: {rate} asks for K={k} {module} neurons per layer but the "
-                                  f"source has {src.neurons(module)}; lower the rate")

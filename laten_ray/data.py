@@ -1,18 +1,16 @@
-"""The paper's chat `messages` data: reading, prompt format, tokenization and padding."""
+"""Training examples: chat `messages` read from any data spec, the prompt format, tokenization
+and padding."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-# Stripped from the end of an answer before its last token is attributed (DESIGN.md §1).
+from .formats import LayoutError, messages_of
+from .records import DataError, read_records
+
+# Stripped from the end of an answer before its last token is attributed (docs/method.md §1).
 ATTRIBUTION_STRIP = '."),]\n '
-
-
-class DataError(ValueError):
-    """A bad data file; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -25,37 +23,25 @@ class Example:
         return self.messages[-1]["content"]
 
 
-def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
-    """Read a jsonl file of {"messages": [{"role", "content"}, ...]} lines; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    if limit is not None and limit < 1:
-        raise DataError(f"{path}: limit must be at least 1, got {limit}")
-    examples = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{number}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            examples.append(_parse_line(line, f"{path}:{number}"))
-            if limit is not None and len(examples) >= limit:
-                break
+def read_examples(spec: str, limit: int | None = None) -> list[Example]:
+    """The examples of a data spec (laten_ray/records.py): records with chat `messages`, or in a
+    public layout of GSM8K, MMLU, HumanEval or MBPP (laten_ray/formats.py)."""
+    examples = [_example(record, where) for where, record in read_records(spec, limit)]
     if not examples:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{spec}: no examples")
     return examples
 
 
-def _parse_line(line: str, where: str) -> Example:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f"{where}: no 'messages' key")
+def _example(record: dict, where: str) -> Example:
+    if "messages" not in record:
+        try:
+            messages = messages_of(record)
+        except LayoutError as e:
+            raise DataError(f"{where}: {e}") from None
+        if messages is None:
+            raise DataError(f"{where}: no 'messages' key, and not a GSM8K, MMLU, HumanEval or MBPP "
+                            f"record (keys: {', '.join(record)})")
+        record = {**record, "messages": messages}
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
@@ -65,7 +51,7 @@ def _parse_line(line: str, where: str) -> Example:
             raise DataError(f"{where}: messages[{i}] needs string 'role' and 'content'")
     if not messages[-1]["content"].strip(ATTRIBUTION_STRIP):
         raise DataError(f"{where}: empty answer (last message has no content)")
-    return Example(tuple(messages), str(record.get("id", "")))
+    return Example(tuple(messages), str(record.get("id", record.get("task_id", ""))))
 
 
 def chat_prompt(messages) -> str:
@@ -132,12 +118,3 @@ def lm_batch(tokenizer, examples: list[Example], max_length: int, train_on_input
         "attention_mask": pad_right([[1] * len(i) for i, _ in pairs], 0),     # [B, T]
         "labels": pad_right([lab for _, lab in pairs], -100),                 # [B, T]
     }
-
-
-def load_examples(spec: str, limit: int | None = None) -> list[Example]:
-    """Examples of a data spec: a jsonl path, or demo:SPLIT (the built-in demo data)."""
-    if spec.startswith("demo:"):
-        from . import demo
-        from .models import cache_dir
-        return read_examples(demo.write_split(spec[5:], cache_dir() / "demo"), limit)
-    return read_examples(spec, limit)

@@ -1,4 +1,4 @@
-"""Align: one small MLP per module type maps source neuron vectors (d_s) to the target's width (d_t)."""
+"""Align (docs/method.md §4): one small MLP per module type maps source neuron vectors (d_s) to the target's width (d_t)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Inject: add translated vectors at the target's top-K rows/columns (DESIGN.md §5).
+"""Inject: add translated vectors at the target's top-K rows/columns (docs/method.md §5).
 
 During training the deltas are live tensors and the edit is applied by forward hooks that touch
 only the K selected rows/columns, so no full-size delta matrix ever exists. `merge_into` makes
@@ -11,40 +11,35 @@ from contextlib import contextmanager
 import torch
 
 from .arch import NEURON_AXIS, Arch
+from .hooks import Hooks
 
 
-def _row_hook(index: torch.Tensor, delta: torch.Tensor):
+def _row_edit(index: torch.Tensor, delta: torch.Tensor):
     """up/v: rows idx of W gain delta, so output features idx gain x @ delta^T."""
-    def hook(module, args, output):
-        x = args[0]                                              # [B, T, d]
+    def edit(x, output):                                         # x [B, T, d]
         return output.index_add(-1, index, x @ delta.to(x.dtype).T)  # [B, T, K] into [B, T, n]
-    return hook
+    return edit
 
 
-def _column_hook(index: torch.Tensor, delta: torch.Tensor):
+def _column_edit(index: torch.Tensor, delta: torch.Tensor):
     """down/o: columns idx of W gain delta^T, so the output gains x[..., idx] @ delta."""
-    def hook(module, args, output):
-        x = args[0]                                              # [B, T, n]
+    def edit(x, output):                                         # x [B, T, n]
         return output + x.index_select(-1, index) @ delta.to(x.dtype)  # [B, T, K] @ [K, d]
-    return hook
+    return edit
 
 
 @contextmanager
 def injected(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]):
     """Within the block, the target computes as if W[idx] += delta (rows) or W[:, idx] += delta^T
     (columns) in every layer. index: module -> [L, K]; delta: module -> [L, K, d_t]."""
-    handles = []
-    try:
+    with Hooks() as hooks:
         for module, d in delta.items():
-            make = _row_hook if NEURON_AXIS[module] == 0 else _column_hook
+            make = _row_edit if NEURON_AXIS[module] == 0 else _column_edit
             for layer in range(d.shape[0]):
                 part = arch.part(layer, module)
                 idx = index[module][layer].to(part.weight.device)
-                handles.append(part.register_forward_hook(make(idx, d[layer].to(part.weight.device))))
+                hooks.on_output(part, make(idx, d[layer].to(part.weight.device)))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

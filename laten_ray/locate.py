@@ -1,12 +1,17 @@
-"""Locate, part 2: layer alignment, top-K neurons, and the source's knowledge slices (DESIGN.md §2-3)."""
+"""Locate, part 2 (docs/method.md §2-3): layer alignment, top-K neurons and the source's
+knowledge slices; `Source` and `Target` are the two models that locate."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+import time
+
 from .arch import Arch, Shape
-from .attribution import Scores
+from .attribution import Scores, attribute_each
+from .data import Example
+from .models import load_model, load_tokenizer, pick_device
 
 FFN_MODULES = ("up", "down")  # one FFN neuron k = row k of up_proj + column k of down_proj
 
@@ -49,7 +54,6 @@ class Located:
     """One model's selection. For the source, `slices` holds the selected neuron vectors."""
     layers: dict[str, torch.Tensor]  # module -> [L_t] layer of this model feeding target layer i
     index: dict[str, torch.Tensor]   # module -> [L_t, K] neuron indices, best first
-    score: dict[str, torch.Tensor]   # module -> [L_t, K]
     slices: dict[str, torch.Tensor] | None = None  # module -> [L_t, K, d_s]
 
     def nbytes(self) -> int:
@@ -61,21 +65,80 @@ def locate_source(arch: Arch, scores: Scores, target: Shape, counts: dict[str, i
     shape = arch.shape
     by_kind = {"ffn": align_layers(scores.layer_ffn, target.n_layers),
                "attn": align_layers(scores.layer_attn, target.n_layers)}
-    layers, index, score, slices = {}, {}, {}, {}
+    layers, index, slices = {}, {}, {}
     for module, k in counts.items():
         chosen = by_kind["ffn" if module in FFN_MODULES else "attn"]  # [L_t]
-        idx, val = top_neurons(module_scores(scores, shape, module)[chosen], k, f"source {module}")
-        layers[module], index[module], score[module] = chosen, idx, val
+        idx, _ = top_neurons(module_scores(scores, shape, module)[chosen], k, f"source {module}")
+        layers[module], index[module] = chosen, idx
         slices[module] = torch.stack([arch.neuron_vectors(int(l), module, idx[i])
                                       for i, l in enumerate(chosen.tolist())])  # [L_t, K, d_s]
-    return Located(layers, index, score, slices)
+    return Located(layers, index, slices)
 
 
 def locate_target(scores: Scores, shape: Shape, counts: dict[str, int]) -> Located:
     """The target's own top-K neurons in every layer (no alignment: layer i is layer i)."""
     all_layers = torch.arange(shape.n_layers)
-    layers, index, score = {}, {}, {}
+    layers, index = {}, {}
     for module, k in counts.items():
-        idx, val = top_neurons(module_scores(scores, shape, module), k, f"target {module}")
-        layers[module], index[module], score[module] = all_layers, idx, val
-    return Located(layers, index, score)
+        layers[module] = all_layers
+        index[module], _ = top_neurons(module_scores(scores, shape, module), k, f"target {module}")
+    return Located(layers, index)
+
+
+class _Model:
+    """A loaded model (or a given one) with its tokenizer, seen through its family table, that
+    counts the seconds it spends in attribution."""
+
+    def __init__(self, spec: str, dtype: str, device: str, batch_size: int, chunk_mb: int,
+                 model=None, tokenizer=None):
+        self.tokenizer = tokenizer or load_tokenizer(spec)
+        self.model = model or load_model(spec, dtype, pick_device(device))
+        self.arch = Arch(self.model)
+        self.batch_size, self.budget = batch_size, chunk_mb << 20
+        self.attribution_seconds = 0.0
+
+    def scores(self, examples: list[Example]) -> list[Scores]:
+        """Each example's scores; the examples share every per-layer projection."""
+        t0 = time.perf_counter()
+        each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget)
+        self.attribution_seconds += time.perf_counter() - t0
+        return each
+
+    def take_seconds(self) -> float:
+        """Attribution seconds since the last call."""
+        seconds, self.attribution_seconds = self.attribution_seconds, 0.0
+        return seconds
+
+
+class Source(_Model):
+    """The source role's model: slices of its top neurons in its best L_t layers."""
+
+    def __init__(self, cfg, model=None, tokenizer=None):
+        """Loads cfg.source unless an already built model and tokenizer are given."""
+        super().__init__(cfg.source.model, cfg.source.dtype, cfg.source.device,
+                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer)
+
+    def locate(self, examples: list[Example], target: Shape, counts: dict[str, int],
+               on_cpu: bool = True) -> list[Located]:
+        """One Located with slices per example (on CPU unless `on_cpu` is False)."""
+        out = []
+        for scores in self.scores(examples):
+            located = locate_source(self.arch, scores, target, counts)
+            if on_cpu:
+                located.slices = {m: t.detach().cpu() for m, t in located.slices.items()}
+            out.append(located)
+        return out
+
+
+class Target(_Model):
+    """The target role's frozen model: its own top-K neurons for each example."""
+
+    def __init__(self, cfg, rate: float, dtype: str | None = None, model=None, tokenizer=None):
+        """Loads cfg.target (in `dtype` if given) unless an already built model is given; K
+        from `rate`."""
+        super().__init__(cfg.target.model, dtype or cfg.target.dtype, cfg.target.device,
+                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer)
+        self.counts = neuron_counts(self.arch.shape, rate, cfg.transfer.modules)
+
+    def locate(self, examples: list[Example]) -> list[Located]:
+        return [locate_target(scores, self.arch.shape, self.counts) for scores in self.scores(examples)]

@@ -1,5 +1,6 @@
-"""Merge (DESIGN.md §7): translate slices with a trained hypernetwork and add them into the
-target's weights for real, writing an ordinary HF model folder."""
+"""Merge (docs/method.md §7): translate slices with a trained hypernetwork and add them into the
+target's weights for real, writing an ordinary HF model folder. Needs the run's checkpoint and
+the seed example only: no training data, no optimizer."""
 from __future__ import annotations
 
 import shutil
@@ -10,33 +11,40 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .checks import check_inputs
 from .config import Config, validate
-from .data import load_examples
+from .data import read_examples
+from .hypernet import HyperNet
 from .inject import merge_into
-from .locate import neuron_counts
-from .train import SourceSide, TrainerSide
+from .locate import Source, Target
+from .train import make_hypernet
 
 REPORT = "laten_merge.json"
 
 
 def seed_example(cfg: Config):
     spec = cfg.merge.seed_data or cfg.data.extract
-    examples = load_examples(spec, limit=cfg.merge.seed_example + 1)
+    examples = read_examples(spec, limit=cfg.merge.seed_example + 1)
     if cfg.merge.seed_example >= len(examples):
         raise ValueError(f"merge.seed_example: {cfg.merge.seed_example} is past the end of {spec} "
                          f"({len(examples)} examples)")
     return examples[cfg.merge.seed_example]
 
 
-def plan_edit(source: SourceSide, trainer: TrainerSide, example, rate: float):
-    """Locate on `example` at `rate` on both sides and translate the source's slices:
-    (source selection, target selection, deltas {module: [L_t, K, d_t]})."""
-    trainer.counts = neuron_counts(trainer.arch.shape, rate, trainer.cfg.transfer.modules)
-    (located_source,) = source.locate([example], trainer.arch.shape, trainer.counts)
-    (located_target,) = trainer.locate([example])
+def plan_edit(source: Source, target: Target, hypernet: HyperNet, example):
+    """Locate on `example` on both sides (K from `target.counts`) and translate the source's
+    slices: (source selection, target selection, deltas {module: [L_t, K, d_t]})."""
+    (located_source,) = source.locate([example], target.arch.shape, target.counts)
+    (located_target,) = target.locate([example])
     with torch.no_grad():
-        deltas = trainer.hypernet(located_source.slices)
+        deltas = hypernet(located_source.slices)
     return located_source, located_target, deltas
+
+
+def load_hypernet(cfg: Config, state: dict, d_source: int, target: Target) -> HyperNet:
+    hypernet = make_hypernet(cfg, d_source, target.arch.shape.hidden).to(target.model.device)
+    hypernet.load_state_dict(state["hypernet"])
+    return hypernet
 
 
 def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
@@ -52,23 +60,22 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
                                   "refusing to overwrite it")
     if rate is not None:  # checked like merge.rate in a config, before any model loads
         cfg = replace(cfg, merge=replace(cfg.merge, rate=rate))
-        validate(cfg)
+        check_inputs(validate(cfg) or cfg)
     rate = cfg.merge.rate if cfg.merge.rate is not None else cfg.transfer.rate
     state = ckpt.load_checkpoint(cfg.run_dir, step)  # fails early if the run has no such step
     example = seed_example(cfg)
 
-    source = SourceSide(cfg)
-    # TrainerSide loads the target (in merge.dtype if given); its optimizer is not used here.
-    target_cfg = replace(cfg, target=replace(cfg.target, dtype=cfg.merge.dtype or cfg.target.dtype))
-    trainer = TrainerSide(target_cfg, source.arch.shape.hidden)
-    trainer.hypernet.load_state_dict(state["hypernet"])
-    located_source, located_target, deltas = plan_edit(source, trainer, example, rate)
+    source = Source(cfg)
+    dtype = cfg.merge.dtype or cfg.target.dtype
+    target = Target(cfg, rate, dtype=dtype)
+    hypernet = load_hypernet(cfg, state, source.arch.shape.hidden, target)
+    located_source, located_target, deltas = plan_edit(source, target, hypernet, example)
     del source  # free the source before the target is written
-    merge_into(trainer.arch, located_target.index, deltas)
-    counts = trainer.counts
+    merge_into(target.arch, located_target.index, deltas)
+    counts = target.counts
 
     report = {"source": cfg.source.model, "target": cfg.target.model, "run": str(cfg.run_dir),
-              "dtype": target_cfg.target.dtype,
+              "dtype": dtype,
               "step": state["step"], "rate": rate, "seed_example": {"data": cfg.merge.seed_data
               or cfg.data.extract, "index": cfg.merge.seed_example, "id": example.id},
               "modules": {}}
@@ -83,9 +90,10 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        trainer.model.save_pretrained(tmp)
-        trainer.tokenizer.save_pretrained(tmp)
+        target.model.save_pretrained(tmp)
+        target.tokenizer.save_pretrained(tmp)
         ckpt.save_json(report, tmp / REPORT)
+        ckpt.follow_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

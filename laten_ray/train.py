@@ -1,16 +1,13 @@
-"""Train the hypernetwork (DESIGN.md §6), split into the two roles that Ray later puts on two GPUs.
-
-SourceSide: the source model; attribution + layer alignment + slices for each extract example.
-TrainerSide: the frozen target + hypernetwork + optimizer; target attribution, steps, checkpoints.
-`train` wires them together in one process.
+"""Train the hypernetwork (docs/method.md §6). The two roles that Ray puts on two GPUs: the
+source (`locate.Source`: slices for each extract example) and the target (`TargetTraining`:
+the frozen target's selection, the `Trainer` of the hypernetwork, checkpoints). `train` wires
+them together in one process.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,14 +17,12 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint as ckpt
-from .arch import Arch, Shape
-from .attribution import attribute_each
+from .arch import Arch
 from .config import Config, ConfigError
-from .data import Example, lm_batch, load_examples
+from .data import Example, lm_batch, read_examples
 from .hypernet import HyperNet
 from .inject import injected
-from .locate import Located, locate_source, locate_target, neuron_counts
-from .models import load_model, load_tokenizer, pick_device
+from .locate import Located, Source, Target
 
 
 def n_steps(cfg: Config, n_extract: int) -> int:
@@ -109,127 +104,60 @@ def group_of(i: int, n: int, size: int) -> range:
     return range(first, min(first + size, n))
 
 
-class SourceSide:
-    def __init__(self, cfg: Config, model=None, tokenizer=None):
-        """Loads cfg.source unless an already built model and tokenizer are given."""
-        self.cfg = cfg
-        self.tokenizer = tokenizer or load_tokenizer(cfg.source.model)
-        self.model = model or load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
-        self.arch = Arch(self.model)
-        self.attribution_seconds = 0.0
+class Trainer:
+    """The hypernetwork's optimisation: HyperNet, AdamW, the one-cycle schedule and the metrics
+    history. A step runs the frozen target with the translated deltas injected at the target's
+    own neurons and updates the hypernetwork only."""
 
-    def locate(self, examples: list[Example], target: Shape, counts: dict[str, int],
-               on_cpu: bool = True) -> list[Located]:
-        """For each example: slices of the source's top neurons in its best L_t layers (on CPU
-        unless `on_cpu` is False). The examples share each per-layer projection, so a batch
-        costs little more than one."""
-        t0 = time.perf_counter()
-        each = attribute_each(self.arch, self.tokenizer, examples, self.cfg.attribution.batch_size,
-                              self.cfg.attribution.chunk_mb << 20)
-        self.attribution_seconds += time.perf_counter() - t0
-        out = []
-        for scores in each:
-            located = locate_source(self.arch, scores, target, counts)
-            if on_cpu:
-                located.slices = {m: s.detach().cpu() for m, s in located.slices.items()}
-            out.append(located)
-        return out
-
-
-class TrainerSide:
-    def __init__(self, cfg: Config, d_source: int, run_dir: Path | None = None, model=None,
-                 tokenizer=None):
-        """Loads cfg.target unless an already built model and tokenizer are given."""
-        self.cfg = cfg
-        self.run_dir = Path(run_dir or cfg.run_dir)
-        self.tokenizer = tokenizer or load_tokenizer(cfg.target.model)
-        self.model = model or load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
-        self.device = self.model.device
-        self.arch = Arch(self.model)
+    def __init__(self, cfg: Config, target: Target, d_source: int, total: int):
+        self.cfg, self.target, self.total = cfg, target, total
         self.checkpointing = cfg.train.gradient_checkpointing
         if self.checkpointing:
-            if getattr(self.model.config, "attention_dropout", 0.0):
+            if getattr(target.model.config, "attention_dropout", 0.0):
                 raise ConfigError("train.gradient_checkpointing: the target has attention_dropout > 0, "
                                   "which training mode would turn on")
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.align = load_examples(cfg.data.align)
-        self.extract = load_examples(cfg.data.extract)
-        self.total = n_steps(cfg, len(self.extract))
-        self.counts = neuron_counts(self.arch.shape, cfg.transfer.rate, cfg.transfer.modules)
+            target.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(cfg.seed)  # the hypernetwork's init
-        self.hypernet = HyperNet(d_source, self.arch.shape.hidden, cfg.transfer.modules,
-                                 cfg.hypernet.hidden, cfg.hypernet.init_std).to(self.device)
+        self.hypernet = make_hypernet(cfg, d_source, target.arch.shape.hidden).to(target.model.device)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay, betas=tuple(t.betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, one_cycle(self.total, t.warmup_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, one_cycle(total, t.warmup_ratio))
         self.history: list[dict] = []
-        self.selections: dict[int, Located] = {}  # extract index -> the target's selection
-        self.attribution_seconds = 0.0  # since the last step's metrics
-        self._saver: threading.Thread | None = None  # a checkpoint being written in the background
-        self._save_error: BaseException | None = None
 
-    def locate(self, examples: list[Example]) -> list[Located]:
-        """The target's own top-K neurons for each example (the target is frozen: no injection)."""
+    def step(self, step: int, slices: dict, index: dict, examples: list[Example]) -> dict:
+        """One optimizer step on `examples` with the source's slices {module: [L_t, K, d_s]}
+        injected at the target's neurons `index` {module: [L_t, K]}."""
         t0 = time.perf_counter()
-        each = attribute_each(self.arch, self.tokenizer, examples, self.cfg.attribution.batch_size,
-                              self.cfg.attribution.chunk_mb << 20)
-        self.attribution_seconds += time.perf_counter() - t0
-        return [locate_target(scores, self.arch.shape, self.counts) for scores in each]
-
-    def prepare(self, step: int) -> None:
-        """Select the target neurons of the extract examples in `step`'s group in one batched
-        pass. The target is frozen, so a selection never changes and is kept."""
-        i = step % len(self.extract)
-        if i in self.selections:
-            return
-        members = group_of(i, len(self.extract), self.cfg.attribution.batch_size)
-        for j, located in zip(members, self.locate([self.extract[j] for j in members])):
-            self.selections[j] = located
-
-    def batch_examples(self, step: int) -> list[Example]:
-        picks = align_sample(len(self.align), self.cfg.train.align_per_step, self.cfg.seed, step)
-        return [self.extract[step % len(self.extract)]] + [self.align[i] for i in picks]
-
-    def step(self, step: int, source: Located) -> dict:
-        """One optimizer step on (extract example + align examples) with the source's slices."""
-        t0 = time.perf_counter()
-        self.prepare(step)
-        target = self.selections[step % len(self.extract)]
-        index = {m: i.to(self.device) for m, i in target.index.items()}
-        examples = self.batch_examples(step)
-        t = self.cfg
-        batches = [lm_batch(self.tokenizer, examples[i:i + t.train.micro_batch_size],
+        arch, t = self.target.arch, self.cfg
+        index = {m: i.to(self.target.model.device) for m, i in index.items()}
+        batches = [lm_batch(self.target.tokenizer, examples[i:i + t.train.micro_batch_size],
                             t.data.max_length, t.data.train_on_inputs)
                    for i in range(0, len(examples), t.train.micro_batch_size)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
         def micro_step(leaves, batch) -> float:
             # backward inside the block: gradient checkpointing re-runs the hooked forward
-            with injected(self.arch, index, leaves):
-                loss = answer_loss(self.arch, batch, n_tokens)
+            with injected(arch, index, leaves):
+                loss = answer_loss(arch, batch, n_tokens)
                 loss.backward()
             return loss.item()
-        self.model.train(self.checkpointing)  # HF checkpoints layers only in training mode
+        self.target.model.train(self.checkpointing)  # HF checkpoints layers only in training mode
         try:
-            lm_loss, reg = hypernet_backward(self.hypernet, source.slices, batches, micro_step,
-                                             t.train.reg_lambda)
+            lm_loss, reg = hypernet_backward(self.hypernet, slices, batches, micro_step, t.train.reg_lambda)
         finally:
-            self.model.eval()
+            self.target.model.eval()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "steps": self.total, "lm_loss": lm_loss, "reg_loss": reg,
                    "loss": lm_loss + reg, "lr": lr, "tokens": n_tokens,
-                   "target_attribution_s": self.attribution_seconds,
-                   "slice_bytes": source.nbytes(), "step_s": time.perf_counter() - t0}
-        self.attribution_seconds = 0.0
+                   "slice_bytes": sum(s.numel() * s.element_size() for s in slices.values()),
+                   "step_s": time.perf_counter() - t0}
         self.history.append(metrics)
         return metrics
 
-    # --- checkpoints ------------------------------------------------------------------------
     def state(self, step: int) -> dict:
         return {"step": step, "config": self.cfg.to_dict(), "hypernet": self.hypernet.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -237,48 +165,7 @@ class TrainerSide:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
-    def save_checkpoint(self, step: int, background: bool = False) -> Path:
-        """After `step` completed steps: the checkpoint, then the metrics file, both atomic.
-
-        `background`: snapshot the state (a copy) now and write it in a thread while training
-        goes on; the next save, or `wait_for_checkpoint`, waits for it. A crash before the write
-        ends loses only that step, which a resumed run recomputes to the same result."""
-        self.wait_for_checkpoint()
-        path = ckpt.checkpoint_path(self.run_dir, step)
-        state = _snapshot(self.state(step))
-        lines = "".join(f"{json.dumps(m)}\n" for m in self.history)
-
-        def write() -> None:
-            ckpt.save_torch(state, path)
-            ckpt.save_text(lines, self.run_dir / "metrics.jsonl")
-        if not background:
-            write()
-            return path
-
-        def run() -> None:
-            try:
-                write()
-            except BaseException as e:  # noqa: BLE001 - raised again by wait_for_checkpoint
-                self._save_error = e
-        self._saver = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=True)
-        self._saver.start()
-        return path
-
-    def wait_for_checkpoint(self) -> None:
-        """Block until a background checkpoint is on disk; raise its error if writing failed."""
-        saver, self._saver = self._saver, None
-        if saver is not None:
-            saver.join()
-        error, self._save_error = self._save_error, None
-        if error is not None:
-            raise error
-
-    def resume(self) -> int:
-        """Load the last checkpoint of the run folder, if any; return the steps already done."""
-        steps = ckpt.checkpoint_steps(self.run_dir)
-        if not steps:
-            return 0
-        state = ckpt.load_checkpoint(self.run_dir, steps[-1])
+    def load_state(self, state: dict) -> None:
         self.hypernet.load_state_dict(state["hypernet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -287,18 +174,81 @@ class TrainerSide:
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def make_hypernet(cfg: Config, d_source: int, d_target: int) -> HyperNet:
+    return HyperNet(d_source, d_target, cfg.transfer.modules, cfg.hypernet.hidden, cfg.hypernet.init_std)
+
+
+class TargetTraining:
+    """The target role of a training run: the frozen target and its selection for each extract
+    example, the `Trainer`, and the run folder's checkpoints (written in the background)."""
+
+    def __init__(self, cfg: Config, d_source: int, run_dir: Path | None = None, model=None, tokenizer=None):
+        """Loads cfg.target unless an already built model and tokenizer are given."""
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.target = Target(cfg, cfg.transfer.rate, model=model, tokenizer=tokenizer)
+        self.align = read_examples(cfg.data.align)
+        self.extract = read_examples(cfg.data.extract)
+        self.total = n_steps(cfg, len(self.extract))
+        self.trainer = Trainer(cfg, self.target, d_source, self.total)
+        self.selections: dict[int, Located] = {}  # extract index -> the target's selection
+        self.writer = ckpt.BackgroundWriter()
+
+    @property
+    def history(self) -> list[dict]:
+        return self.trainer.history
+
+    def select(self, step: int) -> Located:
+        """The target's neurons for `step`'s extract example. Its group's examples are attributed
+        in one batched pass; the target is frozen, so a selection is kept."""
+        i = step % len(self.extract)
+        if i not in self.selections:
+            members = group_of(i, len(self.extract), self.cfg.attribution.batch_size)
+            for j, located in zip(members, self.target.locate([self.extract[j] for j in members])):
+                self.selections[j] = located
+        return self.selections[i]
+
+    def batch_examples(self, step: int) -> list[Example]:
+        picks = align_sample(len(self.align), self.cfg.train.align_per_step, self.cfg.seed, step)
+        return [self.extract[step % len(self.extract)]] + [self.align[i] for i in picks]
+
+    def step(self, step: int, source: Located) -> dict:
+        """One optimizer step with the source's slices for `step`."""
+        t0 = time.perf_counter()
+        index = self.select(step).index
+        metrics = self.trainer.step(step, source.slices, index, self.batch_examples(step))
+        metrics["target_attribution_s"] = self.target.take_seconds()
+        metrics["step_s"] = time.perf_counter() - t0  # the target's attribution included
+        return metrics
+
+    def save_checkpoint(self, step: int, background: bool = False) -> Path:
+        """After `step` completed steps: the checkpoint, then the metrics file, both atomic.
+        `background`: snapshot the state now and write it while training goes on; a crash
+        before the write ends loses only that step, which a resumed run recomputes."""
+        path = ckpt.checkpoint_path(self.run_dir, step)
+        state = ckpt.snapshot(self.trainer.state(step))
+        lines = "".join(f"{json.dumps(m)}\n" for m in self.history)
+
+        def write() -> None:
+            ckpt.save_torch(state, path)
+            ckpt.save_text(lines, self.run_dir / "metrics.jsonl")
+        self.writer.submit(write, f"checkpoint-{step}", background)
+        return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background checkpoint is on disk; raise its error if writing failed."""
+        self.writer.wait()
+
+    def resume(self) -> int:
+        """Load the run folder's last checkpoint, if any; return the steps already done."""
+        steps = ckpt.checkpoint_steps(self.run_dir)
+        if not steps:
+            return 0
+        state = ckpt.load_checkpoint(self.run_dir, steps[-1])
+        self.trainer.load_state(state)
         return state["step"]
-
-
-def _snapshot(obj):
-    """A copy of a state tree whose tensors are detached CPU copies (training goes on meanwhile)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v) for v in obj)
-    return copy.deepcopy(obj)
 
 
 # The sections that do not change what training computes; a resumed run may differ in them.
@@ -331,24 +281,23 @@ def format_progress(m: dict) -> str:
 def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
     """Train in this process, resuming from the run folder's last checkpoint; returns the run folder."""
     run_dir = prepare_run_dir(cfg)
-    source = SourceSide(cfg)
-    trainer = TrainerSide(cfg, source.arch.shape.hidden, run_dir)
-    start = trainer.resume()
+    source = Source(cfg)
+    side = TargetTraining(cfg, source.arch.shape.hidden, run_dir)
+    start = side.resume()
     group = cfg.attribution.batch_size
     try:
-        for first in range(start - start % group, trainer.total, group):
-            steps = group_of(first, trainer.total, group)
-            located = source.locate([trainer.extract[s % len(trainer.extract)] for s in steps],
-                                    trainer.arch.shape, trainer.counts)
+        for first in range(start - start % group, side.total, group):
+            steps = group_of(first, side.total, group)
+            located = source.locate([side.extract[s % len(side.extract)] for s in steps],
+                                    side.target.arch.shape, side.target.counts)
             for step, slices in zip(steps, located):
                 if step < start:
                     continue  # done before a resume; its group is recomputed whole (see group_of)
-                trainer.prepare(step)
-                metrics = trainer.step(step, slices)
-                metrics["source_attribution_s"], source.attribution_seconds = source.attribution_seconds, 0.0
-                trainer.save_checkpoint(step + 1, background=True)  # written while the next step runs
+                metrics = side.step(step, slices)
+                metrics["source_attribution_s"] = source.take_seconds()
+                side.save_checkpoint(step + 1, background=True)  # written while the next step runs
                 if on_step:
                     on_step(metrics)
     finally:
-        trainer.wait_for_checkpoint()
+        side.wait_for_checkpoint()
     return run_dir

@@ -23,7 +23,7 @@ def laten(*args: str, cache: Path, timeout: int = 60) -> tuple[subprocess.Comple
     env = {**os.environ, "LATEN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "laten_ray.cli", *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - start
 

@@ -8,18 +8,20 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from laten_ray.arch import MODULES, Shape, family_of, shape_of
+from laten_ray.checks import load_checked
 from laten_ray.config import (Config, ConfigError, TrainConfig, TransferConfig, config_from_dict,
                               load_config)
+from laten_ray.data import read_examples
 from laten_ray.locate import neuron_counts, top_neurons
-from laten_ray.models import tiny_config
+from laten_ray.builtin.tiny import tiny_config
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def load(*overrides: str) -> Config:
-    return load_config(TINY_YAML, list(overrides))
+    return load_checked(TINY_YAML, list(overrides))
 
 
 def config_error(*overrides: str) -> str:
@@ -153,7 +155,7 @@ def test_an_existing_data_file_is_accepted(tmp_path):
     ("ray.transport=tcp", "ray.transport", "'tcp' is not one of object_store, nccl, gloo, nixl, cuda_ipc"),
     ("ray.transport=nccl", "ray.transport", "nccl moves GPU tensors but source.device is 'cpu'"),
     ("ray.placement_strategy=RANDOM", "ray.placement_strategy", "'RANDOM' is not one of PACK"),
-    ("ray.trainer.num_gpus=-1", "ray.trainer", "must not be negative"),
+    ("ray.target.num_gpus=-1", "ray.target", "must not be negative"),
     ("ray.source.gpus=1", "unknown key 'ray.source.gpus'", "known here: num_cpus, num_gpus"),
 ])
 def test_bad_value_names_the_key(override, key, problem):
@@ -267,13 +269,36 @@ def test_unsupported_model_folder_fails_at_load_time(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["gsm", "mmlu", "humaneval", "mbpp"])
-def test_task_configs_load_once_models_and_data_are_given(task):
+def test_task_configs_load_with_their_data_from_any_directory(task, tmp_path, monkeypatch):
     path = TINY_YAML.parent / f"{task}.yaml"
     # as shipped they name Llama-2 folders this machine lacks: a clear error, before any load
     with pytest.raises(ConfigError, match=r"source\.model: model folder .*Llama-2-13b"):
-        load_config(path)
-    cfg = load_config(path, ["source.model=tiny:llama-source", "target.model=tiny:llama-target",
-                             "data.align=demo:align", "data.extract=demo:extract"])
+        load_checked(path)
+    monkeypatch.chdir(tmp_path)  # data/... is the repository's data folder wherever we run
+    cfg = load_checked(path, ["source.model=tiny:llama-source", "target.model=tiny:llama-target"])
+    assert cfg.data.align == f"data/{task}/{task}_align_split.jsonl"
+    assert len(read_examples(cfg.data.align)) == {"mbpp": 40}.get(task, 80)
+    assert len(read_examples(cfg.data.extract)) == {"mbpp": 32}.get(task, 20)
     assert cfg.transfer.rate == 0.1 and cfg.data.max_length == 1024
     assert cfg.source.dtype == "bfloat16" and cfg.train.reg_lambda == 1000.0
     assert cfg.data.train_on_inputs is (task == "mmlu")
+
+
+def test_relative_data_files_are_anchored_at_the_config_file_or_the_shell(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "mine.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n')
+    config = tmp_path / "exp" / "run.yaml"
+    config.write_text(TINY_YAML.read_text() + "\ndata: {align: mine.jsonl, extract: demo:extract}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_checked(config)  # mine.jsonl beside the config, not in the working directory
+    assert cfg.data.align == str(tmp_path / "exp" / "mine.jsonl")
+    cfg = load_checked(config, ["data.align=exp/mine.jsonl"])  # on the command line: the shell's
+    assert cfg.data.align == str(tmp_path / "exp" / "mine.jsonl")
+    config.write_text(config.read_text().replace("align: mine.jsonl", "align: exp/mine.jsonl"))
+    with pytest.raises(ConfigError, match=r"run\.yaml: data\.align: data file '.*/exp/exp/mine\.jsonl' not found"):
+        load_checked(config)
+
+
+def test_the_old_trainer_section_says_where_it_went():
+    assert "configured under ray.target" in config_error("ray.trainer.num_cpus=2")

@@ -9,7 +9,7 @@ import pytest
 
 from laten_ray.data import (DataError, Example, attribution_ids, attribution_text, chat_prompt,
                             lm_batch, lm_ids, read_examples)
-from laten_ray.models import build_tokenizer
+from laten_ray.builtin.tiny import build_tokenizer
 
 GSM_EXTRACT = Path("/work/shared/data/gsm/gsm_extract_split.jsonl")
 
@@ -84,7 +84,7 @@ def test_first_three_lines_of_the_real_gsm_file():
     ("{not json", "not valid JSON"),
     ('{"messages": [}', "not valid JSON"),
     (json.dumps({"id": "x", "text": "hi"}), "no 'messages' key"),
-    (json.dumps([1, 2]), "no 'messages' key"),
+    (json.dumps([1, 2]), "expected a JSON object"),
     (json.dumps({"messages": "hello"}), "'messages' must be a non-empty list"),
     (json.dumps({"messages": []}), "'messages' must be a non-empty list"),
     (json.dumps({"messages": ["hello"]}), r"messages\[0\] needs string 'role' and 'content'"),
@@ -107,7 +107,7 @@ def test_bad_line_names_file_and_line(tmp_path, bad, problem):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: data file not found"):
+    with pytest.raises(DataError, match=rf"data file '{re.escape(str(path))}' not found"):
         read_examples(path)
 
 

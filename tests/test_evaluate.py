@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from laten_ray.engines import HFEngine, Sampling, prompt_text, vllm_available
+from laten_ray.eval.engines import HFEngine, Sampling, prompt_text, vllm_available
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny:demo-source"
@@ -30,10 +30,12 @@ def gsm_rows():
     return [{"id": i, "question": q, "answer": f"#### {i}"} for i, q in enumerate(QUESTIONS)]
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_and_transformers_give_the_same_greedy_text(laten_cache):
     if not vllm_available():
         pytest.skip("vLLM is not installed here (pip install -e '.[cpu]'); nothing to compare against")
-    from laten_ray.engines import VLLMEngine
+    from laten_ray.eval.engines import VLLMEngine
     hf = HFEngine(MODEL, batch_size=3)  # batches of 3 with left padding, vLLM all at once
     prompts = [hf.encode(prompt_text(q)) for q in QUESTIONS]
     s = Sampling(max_tokens=24, stop=["<|user|>"])
@@ -48,7 +50,7 @@ def test_vllm_and_transformers_give_the_same_greedy_text(laten_cache):
 
 
 def run_laten(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "laten_ray.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -72,8 +74,19 @@ def test_laten_evaluate_writes_results_summary_and_progress(tmp_path, laten_cach
     assert f"accuracy {summary['value']:.4f}" in done.stdout
 
 
+def test_laten_evaluate_takes_demo_and_repository_data_from_another_directory(tmp_path, laten_cache):
+    """demo: specs as `train` and `attribute` take them, and data/... from any directory."""
+    for data, task in (("demo:extract", "gsm8k"), ("data/eval/mmlu_dev.jsonl", "mmlu")):
+        out = tmp_path / task
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--model", MODEL, "--task", task,
+                               "--data", data, "--out", str(out), "--engine", "hf", "--max-tokens", "4",
+                               "--limit", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((out / "summary.json").read_text())["examples"] == 3
+
+
 def test_an_interrupted_evaluation_resumes_from_its_partial_results(tmp_path, laten_cache):
-    from laten_ray.evaluate import evaluate, sampling_for
+    from laten_ray.eval.evaluate import evaluate, sampling_for
     data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:4])
     out = tmp_path / "out"
     out.mkdir()
@@ -90,6 +103,8 @@ def test_an_interrupted_evaluation_resumes_from_its_partial_results(tmp_path, la
     assert records[2]["generations"] != ["planted 1"] and summary["value"] >= 0.25
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_code_task_end_to_end_in_an_evaluator_actor(tmp_path, laten_cache):
     """`python -m jobs.evaluate` on MBPP: engine and sandbox inside the `laten-evaluator` actor."""
     data = write_jsonl(tmp_path / "mbpp.jsonl", [
@@ -112,7 +127,7 @@ def test_code_task_end_to_end_in_an_evaluator_actor(tmp_path, laten_cache):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "gsm8k", "--data", "/nope.jsonl"], "/nope.jsonl: data file not found"),
+    (["--task", "gsm8k", "--data", "/nope.jsonl"], "data file '/nope.jsonl' not found"),
     (["--task", "gsm8k", "--data", "DATA", "--n", "3"], "n > 1 samples need temperature > 0"),
     (["--task", "gsm8k", "--data", "DATA", "--settings", "SETTINGS"], "unknown key(s) max_token"),
 ])

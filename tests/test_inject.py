@@ -10,7 +10,7 @@ from laten_ray.hypernet import HyperNet
 from laten_ray.inject import injected, merge_into
 from laten_ray.models import load_model
 
-from conftest import FAMILIES
+from helpers import FAMILIES
 
 
 def mistral_model():

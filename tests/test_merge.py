@@ -9,10 +9,11 @@ from laten_ray import checkpoint as ckpt
 from laten_ray.arch import NEURON_AXIS, Arch
 from laten_ray.config import config_from_dict
 from laten_ray.inject import injected
-from laten_ray.merge import REPORT, merge, plan_edit, seed_example
-from laten_ray.train import SourceSide, TrainerSide, train
+from laten_ray.locate import Source, Target
+from laten_ray.merge import REPORT, load_hypernet, merge, plan_edit, seed_example
+from laten_ray.train import train
 
-from conftest import FAMILIES, tiny_config_dict
+from helpers import FAMILIES, tiny_config_dict
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -25,35 +26,34 @@ def test_merged_folder_matches_injected_model(tmp_path, family):
     assert report["step"] == 2 and report["rate"] == 0.2
 
     # the same edit applied through hooks on a fresh target
-    source = SourceSide(cfg)
-    trainer = TrainerSide(cfg, source.arch.shape.hidden)
-    trainer.hypernet.load_state_dict(ckpt.load_checkpoint(cfg.run_dir, 2)["hypernet"])
-    _, target, deltas = plan_edit(source, trainer, seed_example(cfg), rate=0.2)
-    ids = torch.randint(0, trainer.arch.shape.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    source, target = Source(cfg), Target(cfg, rate=0.2)
+    hypernet = load_hypernet(cfg, ckpt.load_checkpoint(cfg.run_dir, 2), source.arch.shape.hidden, target)
+    _, selected, deltas = plan_edit(source, target, hypernet, seed_example(cfg))
+    ids = torch.randint(0, target.arch.shape.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        with injected(trainer.arch, target.index, deltas):
-            want = trainer.model(ids).logits
-        plain = trainer.model(ids).logits
+        with injected(target.arch, selected.index, deltas):
+            want = target.model(ids).logits
+        plain = target.model(ids).logits
         got = merged(ids).logits
     assert (want - plain).abs().max() > 1e-5  # the transfer changed the model
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     # only the selected rows/columns differ from the untouched target
     arch_m = Arch(merged)
     changed_params = set()
-    for (name, p), (_, q) in zip(merged.named_parameters(), trainer.model.named_parameters()):
+    for (name, p), (_, q) in zip(merged.named_parameters(), target.model.named_parameters()):
         if not torch.equal(p, q):
             changed_params.add(name)
     for m, axis in NEURON_AXIS.items():
         if m not in cfg.transfer.modules:
             continue
-        for i in range(trainer.arch.shape.n_layers):
-            diff = (arch_m.weight(i, m) - trainer.arch.weight(i, m)).abs()
+        for i in range(target.arch.shape.n_layers):
+            diff = (arch_m.weight(i, m) - target.arch.weight(i, m)).abs()
             moved = (diff.sum(dim=1 - axis) > 0).nonzero().flatten()
-            assert set(moved.tolist()) <= set(target.index[m][i].tolist()), (m, i)
+            assert set(moved.tolist()) <= set(selected.index[m][i].tolist()), (m, i)
             assert len(moved) > 0
             layer = report["modules"][m]["layers"][i]
-            assert layer["target_index"] == target.index[m][i].tolist()
+            assert layer["target_index"] == selected.index[m][i].tolist()
     allowed = {n for n in changed_params if any(k in n for k in ("up_proj", "down_proj", "v_proj", "o_proj"))}
     assert changed_params == allowed
 

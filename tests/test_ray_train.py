@@ -17,11 +17,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from laten_ray.checkpoint import checkpoint_steps, load_checkpoint
-from laten_ray.config import config_from_dict
+from laten_ray.checks import load_checked
 from laten_ray.train import train
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 300
@@ -75,8 +76,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def single_process(config: Path, run_root: Path, *overrides: str) -> Path:
-    from laten_ray.config import load_config
-    return train(load_config(config, [f"output_dir={run_root}", *overrides]))
+    return train(load_checked(config, [f"output_dir={run_root}", *overrides]))
 
 
 def submit(cluster, *args: str, wait: bool = True, timeout: float = JOB_TIMEOUT_S):
@@ -135,6 +135,22 @@ def test_job_submit_equals_single_process_and_exports_metrics(cluster, tmp_path)
     assert metric(text, "laten_slice_wait_seconds", "jobrun") is not None
 
 
+def test_job_submit_of_a_paper_config_reads_the_uploaded_data(cluster, tmp_path):
+    """configs/gsm.yaml names data/gsm/...: inside the job's copy of the working directory
+    those are the uploaded files, and the run equals the single-process one."""
+    overrides = ["source.model=tiny:llama-source", "target.model=tiny:llama-target", "source.device=cpu",
+                 "target.device=cpu", "source.dtype=float32", "target.dtype=float32", "train.steps=2",
+                 "attribution.batch_size=2", "train.align_per_step=3", "data.max_length=256"]
+    config = REPO / "configs" / "gsm.yaml"
+    reference = single_process(config, tmp_path / "single", *overrides)
+    run_root = tmp_path / "ray"
+    done = submit(cluster, "--config", "configs/gsm.yaml", *overrides, f"output_dir={run_root}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = run_root / "gsm-llama2-13b-7b"
+    assert checkpoint_steps(run) == [1, 2]
+    assert max_diff(hypernet_of(run), hypernet_of(reference)) <= 1e-5
+
+
 def test_laten_train_ray_direct_transport_strict_alternation(cluster, tmp_path):
     """`laten train --ray` on the same cluster, slices over Ray's direct (gloo) transport, no
     look-ahead, and attribution groups that straddle look-ahead windows: still the same result."""
@@ -143,7 +159,7 @@ def test_laten_train_ray_direct_transport_strict_alternation(cluster, tmp_path):
     reference = single_process(config, tmp_path / "single", *overrides)
     run_root = tmp_path / "ray"
     done = subprocess.run(
-        [sys.executable, "-m", "laten_ray.cli", "train", "--ray", "--address", cluster["gcs"],
+        [sys.executable, "-m", "jobs.cli", "train", "--ray", "--address", cluster["gcs"],
          "--config", str(config), f"output_dir={run_root}", *overrides,
          "ray.transport=gloo", "ray.lookahead=0"],
         cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
@@ -171,7 +187,7 @@ def long_run(tmp_path_factory):
     return config, hypernet_of(single_process(config, tmp / "single"))
 
 
-@pytest.mark.parametrize("victim", ["laten-trainer", "laten-source"])
+@pytest.mark.parametrize("victim", ["laten-target", "laten-source"])
 def test_sigkill_mid_run_recovers_to_the_uninterrupted_result(cluster, long_run, tmp_path, victim):
     config, reference = long_run
     run_dir = tmp_path / "ray" / "longrun"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from laten_ray.sandbox import Limits, run_programs
+from laten_ray.eval.sandbox import Limits, run_programs
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = Limits(timeout_s=3, cpu_s=3, memory_mb=512, processes=16)
@@ -109,7 +109,7 @@ def unprivileged_run(tmp_path: Path) -> None:
     (target / "keep.txt").write_text("keep")
     (target / "keep.txt").chmod(0o666)
     script.write_text(
-        "from laten_ray.sandbox import Limits, run_programs\n"
+        "from laten_ray.eval.sandbox import Limits, run_programs\n"
         f"progs = ['assert 1 + 1 == 2', {'import os; os.remove(' + repr(str(target / 'keep.txt')) + ')'!r},\n"
         "         'import socket; socket.create_connection((\"127.0.0.1\", 1), timeout=1)',\n"
         "         'import os, signal; os.killpg(0, signal.SIGKILL); raise SystemExit(3)', 'while True: pass']\n"
@@ -125,7 +125,7 @@ def unprivileged_run(tmp_path: Path) -> None:
 
 
 def test_a_broken_sandbox_is_an_error_not_a_failed_program(monkeypatch):
-    from laten_ray import sandbox
+    from laten_ray.eval import sandbox
     monkeypatch.setattr(sandbox, "interpreter", lambda: "/nonexistent/python3")
     with pytest.raises(sandbox.SandboxUnavailable, match="setup failed: .*nonexistent"):
         sandbox.run_program("print(1)")

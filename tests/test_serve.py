@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from laten_ray.engines import vllm_available
+from laten_ray.eval.engines import vllm_available
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each server starts its own local Ray
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny:demo-source"
@@ -29,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["hf", "vllm"])
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 def server(request, laten_cache):
     """A running `laten serve` (its own local Ray), stopped with SIGTERM after the module."""
     engine = request.param
@@ -42,7 +44,7 @@ def server(request, laten_cache):
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own
     log = open(Path(str(laten_cache)) / f"serve-{engine}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "laten_ray.cli", "serve", "--model", MODEL, "--name", NAME,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--model", MODEL, "--name", NAME,
                              "--engine", engine, "--port", str(port), "--max-model-len", "512"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
@@ -149,7 +151,7 @@ def test_invalid_requests_get_4xx_naming_the_problem(server, path, body, status,
 
 
 def test_serve_with_a_missing_model_fails_before_starting_ray(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "laten_ray.cli", "serve", "--model", str(tmp_path / "nope")],
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "serve", "--model", str(tmp_path / "nope")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"laten: error: model folder '{tmp_path / 'nope'}' not found" in done.stderr

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from laten_ray.data import DataError
-from laten_ray.sandbox import Limits, run_programs
-from laten_ray.tasks import (code_of, get_task, interval95, last_number, mmlu_letter,
+from laten_ray.eval.sandbox import Limits, run_programs
+from laten_ray.eval.tasks import (code_of, get_task, interval95, last_number, mmlu_letter,
                              normalize_number, pass_at_k)
 
 

@@ -13,7 +13,7 @@ from laten_ray import checkpoint as ckpt
 from laten_ray.config import ConfigError, config_from_dict, load_config
 from laten_ray.train import align_sample, one_cycle, train
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     overrides = [f"output_dir={tmp_path}", "train.steps=12", "source.model=tiny:llama-source",
                  "target.model=tiny:llama-target", "train.align_per_step=15"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "laten_ray.cli", "train", "--config", "configs/tiny.yaml"]
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--config", "configs/tiny.yaml"]
     run_dir = tmp_path / "tiny"
     proc = subprocess.Popen(cmd + overrides, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -125,20 +125,21 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
 
 
 def test_gradient_checkpointing_is_switched_on_in_the_target(tmp_path):
-    from laten_ray.train import TrainerSide
+    from laten_ray.train import TargetTraining
     cfg = config_from_dict(tiny_config_dict("llama", tmp_path, gradient_checkpointing=True))
-    trainer = TrainerSide(cfg, d_source=128)
-    assert trainer.model.is_gradient_checkpointing and not trainer.model.training
+    side = TargetTraining(cfg, d_source=128)
+    assert side.target.model.is_gradient_checkpointing and not side.target.model.training
 
 
 def test_background_checkpoint_is_a_snapshot_and_its_errors_surface(tmp_path):
-    from laten_ray.train import TrainerSide
+    from laten_ray.train import TargetTraining
     cfg = config_from_dict(tiny_config_dict("llama", tmp_path, steps=2))
-    trainer = TrainerSide(cfg, d_source=128, run_dir=tmp_path / "run")
-    before = {k: v.clone() for k, v in trainer.hypernet.state_dict().items()}
+    trainer = TargetTraining(cfg, d_source=128, run_dir=tmp_path / "run")
+    hypernet = trainer.trainer.hypernet
+    before = {k: v.clone() for k, v in hypernet.state_dict().items()}
     trainer.save_checkpoint(1, background=True)
     with torch.no_grad():  # training goes on while the checkpoint is written
-        for p in trainer.hypernet.parameters():
+        for p in hypernet.parameters():
             p.add_(1.0)
     trainer.wait_for_checkpoint()
     saved = ckpt.load_checkpoint(tmp_path / "run", 1)["hypernet"]

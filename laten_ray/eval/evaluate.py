@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .engines import Sampling, engine_from_settings, prompt_text
 from .sandbox import Limits, run_programs
 from .tasks import Item, Task, get_task, interval95, pass_at_k

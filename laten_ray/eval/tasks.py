@@ -1,19 +1,19 @@
-"""Evaluation tasks: GSM8K, MMLU, HumanEval, MBPP. Each reads the public test format and the
-paper's chat `messages` format, builds the 0-shot prompt of the paper's data, extracts the
-answer from a generation and scores it (code tasks: the program that `program` builds runs in
-the sandbox). Scores of every example feed `summarize`: the metric and its 95% interval.
+"""Evaluation tasks (docs/method.md §8): GSM8K, MMLU, HumanEval, MBPP. Each reads the public
+layouts and the paper's chat `messages` format from any data spec, builds the 0-shot prompt of
+the paper's data (formats.py), extracts the answer from a generation and scores it (code tasks:
+the program that `program` builds runs in the sandbox). Scores of every example feed
+`summarize`: the metric and its 95% interval.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .data import DataError
+from ..formats import (CODE_PROMPT, LETTERS, LayoutError, gsm8k_final, gsm8k_prompt, mbpp_full,
+                       mbpp_signature, mmlu_prompt)
+from ..records import DataError, read_records
 
-LETTERS = "ABCD"
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -26,25 +26,6 @@ class Item:
     code_prefix: str = ""      # humaneval: the function header the model completes
     entry_point: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def _records(path: str | Path, limit: int | None):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and n > limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            yield n, record
 
 
 def _need(record: dict, keys: tuple, where: str) -> None:
@@ -113,14 +94,17 @@ class Task:
     name = ""
     code = False
 
-    def load(self, path, limit: int | None = None) -> list[Item]:
+    def load(self, spec: str, limit: int | None = None) -> list[Item]:
+        """The items of a data spec (laten_ray/records.py: a file, data/..., a saved dataset, hf:...)."""
         items = []
-        for n, record in _records(path, limit):
-            where = f"{path}:{n}"
-            items.append(self.from_messages(record, where) if "messages" in record
-                         else self.from_public(record, where))
+        for where, record in read_records(spec, limit):
+            try:
+                items.append(self.from_messages(record, where) if "messages" in record
+                             else self.from_public(record, where))
+            except LayoutError as e:
+                raise DataError(f"{where}: {e}") from None
         if not items:
-            raise DataError(f"{path}: no examples")
+            raise DataError(f"{spec}: no examples")
         return items
 
     def extract(self, generation: str, item: Item) -> str | None:
@@ -135,12 +119,10 @@ class GSM8K(Task):
 
     def from_public(self, r: dict, where: str) -> Item:
         _need(r, ("question", "answer"), where)
-        if "####" not in r["answer"]:
-            raise DataError(f"{where}: answer has no '#### N' final line")
-        gold = normalize_number(r["answer"].rsplit("####", 1)[1])
+        gold = normalize_number(gsm8k_final(r["answer"]))
         if gold is None:
             raise DataError(f"{where}: the answer after '####' is not a number")
-        return Item(str(r.get("id", where)), f"Answer the following question.\n\nQuestion: {r['question']}", gold)
+        return Item(str(r.get("id", where)), gsm8k_prompt(r["question"]), gold)
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, answer = _messages(r, where)
@@ -160,10 +142,7 @@ class MMLU(Task):
         _need(r, ("subject", "question", "choices", "answer"), where)
         if len(r["choices"]) != 4 or r["answer"] not in range(4):
             raise DataError(f"{where}: expected 4 choices and an answer index 0-3")
-        subject = r["subject"].replace("_", " ")
-        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
-        prompt = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-                  f"{r['question']}\n{options}\nAnswer:")
+        prompt = mmlu_prompt(r["subject"], r["question"], r["choices"])
         return Item(str(r.get("id", where)), prompt, LETTERS[r["answer"]], extra={"subject": r["subject"]})
 
     def from_messages(self, r: dict, where: str) -> Item:
@@ -183,7 +162,7 @@ class HumanEval(Task):
 
     def from_public(self, r: dict, where: str) -> Item:
         _need(r, ("task_id", "prompt", "test", "entry_point"), where)
-        return Item(r["task_id"], f"Complete the following python function.\n\n\n{r['prompt']}",
+        return Item(r["task_id"], CODE_PROMPT + r["prompt"],
                     tests=f"{r['test']}\n\ncheck({r['entry_point']})\n", code_prefix=r["prompt"],
                     entry_point=r["entry_point"])
 
@@ -208,12 +187,12 @@ class MBPP(HumanEval):
     name = "mbpp"
 
     def from_public(self, r: dict, where: str) -> Item:
+        r = mbpp_full(r)  # the sanitized layout too
         _need(r, ("task_id", "text", "code", "test_list"), where)
-        signature = next((line.rstrip(":\r ") for line in r["code"].splitlines()
-                          if line.lstrip().startswith("def ")), "")
+        signature = mbpp_signature(r["code"])
         tests = "\n".join([r.get("test_setup_code", ""), *r["test_list"]]) + "\n"
         name = re.match(r"\s*def\s+(\w+)", signature)
-        return Item(str(r["task_id"]), f"Complete the following python function.\n\n\n{r['text']}\n{signature}",
+        return Item(str(r["task_id"]), f"{CODE_PROMPT}{r['text']}\n{signature}",
                     tests=tests, entry_point=name.group(1) if name else "")
 
     def from_messages(self, r: dict, where: str) -> Item:

@@ -1,0 +1,19 @@
+"""The evaluator actor (`laten-evaluator`): one generation engine (vLLM, or transformers) on its
+GPU; it runs whole evaluations there, code sandbox included, reading and writing that node's paths."""
+from __future__ import annotations
+
+
+class EvaluatorActor:
+    """Holds one engine; evaluates as many task files as it is asked to."""
+
+    def __init__(self, model: str, settings: dict, num_cpus: float):
+        import torch
+
+        from laten_ray.eval.engines import engine_from_settings
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.model, self.settings = model, settings
+        self.engine = engine_from_settings(model, settings)
+
+    def evaluate(self, task: str, data: str, out: str, limit: int | None) -> dict:
+        from laten_ray.eval.evaluate import evaluate
+        return evaluate(self.model, task, data, out, self.settings, limit, engine=self.engine)

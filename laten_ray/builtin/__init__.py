@@ -1,0 +1,11 @@
+"""What ships without a download: the demo task's data (`demo.py`) and the tiny models built
+from configs (`tiny.py`), written once into the cache folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where built-in models and data are written: $LATEN_CACHE, default ~/.cache/laten-ray."""
+    return Path(os.environ.get("LATEN_CACHE", Path.home() / ".cache" / "laten-ray"))

@@ -1,0 +1,68 @@
+"""Checks of a run's inputs before any model loads: the model specs and their config.json
+(family, vocabulary, depth, enough source neurons for K) and the data specs. Every failure is a
+ConfigError that names the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .arch import shape_of
+from .config import Config, ConfigError, config_from_dict, load_config
+from .locate import neuron_counts
+from .models import check_spec, read_model_config
+from .records import DataError, check_spec as check_data_spec
+
+
+def load_checked(path: str | Path, overrides: list[str] = ()) -> Config:
+    """load_config, then the checks of models and data; errors name the file and key."""
+    cfg = load_config(path, overrides)
+    try:
+        return check_inputs(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def checked_from_dict(tree: dict) -> Config:
+    """A config as plain data (a run's saved config.yaml, an actor's argument), fully checked."""
+    return check_inputs(config_from_dict(tree))
+
+
+def check_inputs(cfg: Config) -> Config:
+    for role in ("source", "target"):
+        try:
+            check_spec(getattr(cfg, role).model)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{role}.model: {e}") from None
+    keys = {"data.align": cfg.data.align, "data.extract": cfg.data.extract}
+    if cfg.merge.seed_data:
+        keys["merge.seed_data"] = cfg.merge.seed_data
+    for key, spec in keys.items():
+        try:
+            check_data_spec(spec)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    check_models_fit(cfg)
+    return cfg
+
+
+def check_models_fit(cfg: Config) -> None:
+    """From the two config.json files alone (no weights): supported families, the same
+    vocabulary, a source at least as deep as the target, and enough source neurons for K."""
+    shapes = {}
+    for role in ("source", "target"):
+        try:
+            shapes[role] = shape_of(read_model_config(getattr(cfg, role).model))
+        except ValueError as e:
+            raise ConfigError(f"{role}.model: {e}") from None
+    src, tgt = shapes["source"], shapes["target"]
+    if src.vocab != tgt.vocab:
+        raise ConfigError(f"source.model: vocabulary size {src.vocab} differs from the target's "
+                          f"{tgt.vocab}; LaTen needs models of one family and tokenizer")
+    if src.n_layers < tgt.n_layers:
+        raise ConfigError(f"source.model: {src.n_layers} layers, fewer than the target's {tgt.n_layers}")
+    for key, rate in (("transfer.rate", cfg.transfer.rate), ("merge.rate", cfg.merge.rate)):
+        if rate is None:
+            continue
+        for module, k in neuron_counts(tgt, rate, cfg.transfer.modules).items():
+            if k > src.neurons(module):
+                raise ConfigError(f"{key}: {rate} asks for K={k} {module} neurons per layer but the "
+                                  f"source has {src.neurons(module)}; lower the rate")

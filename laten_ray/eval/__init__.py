@@ -1,0 +1,2 @@
+"""Evaluation: the four tasks (tasks.py), the generation engines (engines.py), batch evaluation
+with resumable results (evaluate.py) and the code sandbox (sandbox.py, sandbox_init.py)."""
