@@ -1,8 +1,6 @@
 """The source actor (`laten-source`): the source model, a few extract examples ahead of the target."""
 from __future__ import annotations
 
-import ray
-
 from laten_ray.arch import shape_of
 from laten_ray.data import read_examples
 from laten_ray.locate import Source, neuron_counts

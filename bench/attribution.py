@@ -182,7 +182,7 @@ def llama_part(args, tokenizer, examples) -> None:
     for k, d, m in rows:
         print(f"  {k:<16}{d:>14.3e}{m:>16.3e}")
     print("check: sampled per-neuron loop vs per-example projection, example 0")
-    print(f"  (batched == per-example above, so this also checks batched at these neurons)")
+    print("  (batched == per-example above, so this also checks batched at these neurons)")
     print(f"  {'tensor':<16}{'max abs diff':>14}{'max abs score':>16}")
     for k, d, m in rows_neuron:
         print(f"  {k:<16}{d:>14.3e}{m:>16.3e}")

@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the hypernetwork (resumes from the last checkpoint)")
     t.add_argument("--config", required=True)
     t.add_argument("--ray", action="store_true",
-                   help="run the source and the trainer as Ray actors (see jobs/train.py)")
+                   help="run the source and the target as Ray actors (see jobs/train.py)")
     t.add_argument("--address", default=None,
                    help="with --ray: the cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4")

@@ -32,7 +32,15 @@ def _atomic(path: Path, write) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    """The process's umask, read without changing it where Linux shows it (setting it, even for
+    a moment, would race with files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then put straight back
     os.umask(mask)
     return mask
 

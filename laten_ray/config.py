@@ -107,7 +107,7 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 @dataclass
 class RayConfig:
     """How a Ray run places and connects the two actors; it never changes what is computed."""
-    lookahead: int = 2               # extract examples the source may run ahead of the trainer
+    lookahead: int = 2               # extract examples the source may run ahead of the target
     transport: str = "object_store"  # slices through the object store, or Ray direct transport:
                                      # nccl (GPU-GPU), cuda_ipc (one GPU), nixl, gloo (CPU)
     placement_strategy: str = "PACK"

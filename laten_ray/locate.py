@@ -2,11 +2,10 @@
 knowledge slices; `Source` and `Target` are the two models that locate."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
-
-import time
 
 from .arch import Arch, Shape
 from .attribution import Scores, attribute_each

@@ -30,7 +30,7 @@ def test_batched_equals_per_neuron(family, role):
     for name, want in slow.tensors().items():
         got = fast.tensors()[name]
         assert got.dtype == torch.float32
-        assert torch.allclose(got, want, atol=1e-4, rtol=0), (name, (got - want).abs().max())
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
     assert fast.ffn.abs().max() > 1e-3  # scores are not trivially zero
     assert fast.n_examples == 3
 
@@ -41,7 +41,7 @@ def test_scores_add_over_examples():
     both = attribute(arch, tok, [a, b])
     apart = attribute(arch, tok, [a], group=1) + attribute(arch, tok, [b], group=1)
     for name, t in both.tensors().items():
-        assert torch.allclose(t, apart.tensors()[name], atol=1e-5), name
+        torch.testing.assert_close(t, apart.tensors()[name], atol=1e-5, rtol=1.3e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_v_rows_sum_their_query_group():
@@ -54,4 +54,4 @@ def test_v_rows_sum_their_query_group():
     for kv in range(s.n_kv_heads):
         for i in range(s.head_dim):
             cols = [h * s.head_dim + i for h in range(kv * group, (kv + 1) * group)]
-            assert torch.allclose(v[:, kv * s.head_dim + i], scores.attn[:, cols].sum(1))
+            torch.testing.assert_close(v[:, kv * s.head_dim + i], scores.attn[:, cols].sum(1))

@@ -11,7 +11,7 @@ import transformers
 from helpers import tiny_config_dict
 from laten_ray.arch import MODULES, Shape, family_of, shape_of
 from laten_ray.checks import load_checked
-from laten_ray.config import (Config, ConfigError, TrainConfig, TransferConfig, config_from_dict,
+from laten_ray.config import (Config, ConfigError, TrainConfig, config_from_dict,
                               load_config)
 from laten_ray.data import read_examples
 from laten_ray.locate import neuron_counts, top_neurons

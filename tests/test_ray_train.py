@@ -70,11 +70,6 @@ def hypernet_of(run_dir: Path) -> dict:
     return load_checkpoint(run_dir, checkpoint_steps(run_dir)[-1])["hypernet"]
 
 
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def single_process(config: Path, run_root: Path, *overrides: str) -> Path:
     return train(load_checked(config, [f"output_dir={run_root}", *overrides]))
 
@@ -114,7 +109,7 @@ def test_job_submit_equals_single_process_and_exports_metrics(cluster, tmp_path)
     assert f"done: {run_root / 'jobrun'}" in log
     assert re.search(r"step 4/4  lm_loss \d", log)  # a progress line per step
     assert checkpoint_steps(run_root / "jobrun") == [1, 2, 3, 4]
-    assert max_diff(hypernet_of(run_root / "jobrun"), hypernet_of(reference)) <= 1e-5
+    torch.testing.assert_close(hypernet_of(run_root / "jobrun"), hypernet_of(reference), atol=1e-5, rtol=0)
 
     # The custom metrics on the node's Prometheus endpoint (exported every few seconds).
     history = load_checkpoint(run_root / "jobrun", 4)["history"]
@@ -148,7 +143,7 @@ def test_job_submit_of_a_paper_config_reads_the_uploaded_data(cluster, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     run = run_root / "gsm-llama2-13b-7b"
     assert checkpoint_steps(run) == [1, 2]
-    assert max_diff(hypernet_of(run), hypernet_of(reference)) <= 1e-5
+    torch.testing.assert_close(hypernet_of(run), hypernet_of(reference), atol=1e-5, rtol=0)
 
 
 def test_laten_train_ray_direct_transport_strict_alternation(cluster, tmp_path):
@@ -164,7 +159,7 @@ def test_laten_train_ray_direct_transport_strict_alternation(cluster, tmp_path):
          "ray.transport=gloo", "ray.lookahead=0"],
         cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert max_diff(hypernet_of(run_root / "clirun"), hypernet_of(reference)) <= 1e-5
+    torch.testing.assert_close(hypernet_of(run_root / "clirun"), hypernet_of(reference), atol=1e-5, rtol=0)
 
 
 def actor_pid(cluster, name: str) -> int:
@@ -212,7 +207,7 @@ def test_sigkill_mid_run_recovers_to_the_uninterrupted_result(cluster, long_run,
     assert killed_at < 40, "the kill came after the last step"
     assert "an actor failed" in log and f"{victim} was restarted" in log and "resuming at step" in log, log
     assert checkpoint_steps(run_dir)[-1] == 40
-    assert max_diff(hypernet_of(run_dir), reference) <= 1e-5
+    torch.testing.assert_close(hypernet_of(run_dir), reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,6 +11,7 @@ import torch
 
 from ..eval.engines import Sampling, next_tokens, use_vllm, vllm_sampling
 
+
 class HFBackend:
     """transformers, one sequence at a time under a lock (a fallback, not a throughput engine)."""
     name = "hf"
