@@ -91,7 +91,8 @@ def test_an_interrupted_evaluation_resumes_from_its_partial_results(tmp_path, la
     out = tmp_path / "out"
     out.mkdir()
     identity = {"model": MODEL, "task": "gsm8k", "data": str(data), "limit": None,
-                "sampling": dataclasses.asdict(sampling_for("gsm8k", {"max_tokens": 16, "engine": "hf"}))}
+                "sampling": dataclasses.asdict(sampling_for("gsm8k", {"max_tokens": 16, "engine": "hf"})),
+                "protocol": {"format": "laten", "shots": 0, "mode": "generate"}}
     planted = {"id": "1", "prompt": "p", "gold": "1", "generations": ["planted 1"], "extracted": ["1"],
                "correct": [True]}
     (out / "examples.partial.jsonl").write_text(

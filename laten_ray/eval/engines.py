@@ -72,8 +72,31 @@ class HFEngine:
         self.batch_size = batch_size
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    @torch.no_grad()
+    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """log P(continuation | context) for each (context ids, continuation ids), in float32,
+        one unpadded forward per context when its continuations are single tokens (MMLU's
+        letters), else one per pair."""
+        out: list[float] = [0.0] * len(pairs)
+        by_context: dict[tuple, list[int]] = {}
+        for i, (context, _) in enumerate(pairs):
+            by_context.setdefault(tuple(context), []).append(i)
+        for context, members in by_context.items():
+            if all(len(pairs[i][1]) == 1 for i in members):
+                ids = torch.tensor([list(context)], device=self.model.device)
+                logp = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)  # [V]
+                for i in members:
+                    out[i] = logp[pairs[i][1][0]].item()
+                continue
+            for i in members:
+                cont = pairs[i][1]
+                ids = torch.tensor([list(context) + cont], device=self.model.device)
+                logits = self.model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # [C, V]
+                out[i] = logits.log_softmax(-1).gather(1, torch.tensor(cont, device=logits.device)[:, None]).sum().item()
+        return out
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
@@ -142,8 +165,21 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """log P(continuation | context) from vLLM's prompt log-probabilities."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=list(c) + list(t)) for c, t in pairs], params,
+                                    use_tqdm=False)
+        out = []
+        for (context, cont), r in zip(pairs, results):
+            positions = range(len(context), len(context) + len(cont))
+            out.append(sum(r.prompt_logprobs[p][tok].logprob for p, tok in zip(positions, cont)))
+        return out
 
     def close(self) -> None:
         """Stop vLLM's engine process now rather than at interpreter exit."""

@@ -16,16 +16,19 @@ from pathlib import Path
 import yaml
 
 from .. import checkpoint as ckpt
-from .engines import Sampling, engine_from_settings, prompt_text
-from .sandbox import Limits, run_programs
+from ..formats import GSM8K_EXEMPLARS, LETTERS
 from ..records import DataError, read_records
+from . import protocol as proto
+from .engines import Sampling, engine_from_settings
+from .sandbox import Limits, run_programs
 from .tasks import Item, Task, get_task, interval95, pass_at_k
 
-# Per task: what a generation needs (the paper's 0-shot chat prompts), stopping at the next turn.
+# Per task: what a generation needs (the paper's 0-shot chat prompts).
 DEFAULTS = {"gsm8k": {"max_tokens": 512}, "mmlu": {"max_tokens": 16},
             "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512}}
-TURN_STOPS = ["<|user|>", "<|assistant|>", "<|system|>"]
-SETTINGS = {"engine", "dtype", "device", "batch_size", "chunk", "k", "timeout_s", "workers",
+DEV = {"mmlu": "data/eval/mmlu_dev.jsonl"}  # where MMLU's shots come from
+PROTOCOL_KEYS = {"chat_format", "shots", "mode", "dev"}
+SETTINGS = {"engine", "dtype", "device", "batch_size", "chunk", "k", "timeout_s", "workers", *PROTOCOL_KEYS,
             *(f.name for f in dataclasses.fields(Sampling))}
 
 
@@ -48,13 +51,22 @@ def add_arguments(e) -> None:
     e.add_argument("--device", default=None)
     e.add_argument("--batch-size", type=int, default=None, help="transformers engine batch")
     e.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
+    e.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    e.add_argument("--chat-format", choices=list(proto.FORMATS), default=None,
+                   help="laten (LaTen's training chat format, default), model (the tokenizer's chat template), plain")
+    e.add_argument("--shots", type=int, default=None, help="MMLU: dev questions of the subject (0-5); GSM8K: "
+                   "chain-of-thought exemplars (0-8); default 0")
+    e.add_argument("--mode", choices=list(proto.MODES), default=None,
+                   help="MMLU: choice (log-likelihood of the letters, default) or generate")
+    e.add_argument("--dev", default=None, help=f"MMLU: where shots come from (default {DEV['mmlu']})")
 
 
 def settings_from_args(args) -> dict:
     return load_settings(args.settings, {
         "engine": args.engine, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "n": args.n, "k": args.k, "stop": args.stop, "dtype": args.dtype, "device": args.device,
-        "batch_size": args.batch_size, "seed": args.seed, "timeout_s": args.timeout})
+        "top_p": args.top_p, "n": args.n, "k": args.k, "stop": args.stop, "dtype": args.dtype,
+        "device": args.device, "batch_size": args.batch_size, "seed": args.seed, "timeout_s": args.timeout,
+        "chat_format": args.chat_format, "shots": args.shots, "mode": args.mode, "dev": args.dev})
 
 
 def print_summary(summary: dict, out) -> None:
@@ -81,10 +93,10 @@ def load_settings(path: str | None, overrides: dict) -> dict:
     return settings
 
 
-def sampling_for(task: str, settings: dict) -> Sampling:
+def sampling_for(task: str, settings: dict, fmt: str = "laten") -> Sampling:
     fields = {f.name for f in dataclasses.fields(Sampling)}
     s = Sampling(**{**DEFAULTS[task], **{k: v for k, v in settings.items() if k in fields}})
-    s.stop = list(dict.fromkeys([*s.stop, *TURN_STOPS]))
+    s.stop = list(dict.fromkeys([*s.stop, *proto.stops(task, fmt)]))
     if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
         raise ValueError(f"bad sampling settings {s}")
     if s.n > 1 and s.temperature == 0:
@@ -96,6 +108,30 @@ def score_chunk(task: Task, items: list[Item], generations: list[list[str]], lim
                 workers: int | None) -> list[dict]:
     """One record per item: its generations, extracted answers and verdicts."""
     extracted = [[task.extract(g, item) for g in gens] for item, gens in zip(items, generations)]
+    return verdicts(task, items, generations, extracted, limits, workers)
+
+
+def choose(items: list[Item], texts: list[str], eng, special: bool) -> list[dict]:
+    """MMLU's choice mode: the letter whose continuation (' A' ... ' D') is most likely. A
+    continuation's tokens are those of context + continuation past the context's own, as
+    lm-evaluation-harness encodes them."""
+    pairs, cuts = [], []
+    for text in texts:
+        context = eng.encode(text, special)
+        cuts.append(len(pairs))
+        pairs += [(context, eng.encode(text + c, special)[len(context):]) for c in proto.choices()]
+    scores = eng.loglikelihoods(pairs)
+    records = []
+    for item, first in zip(items, cuts):
+        lls = scores[first:first + len(LETTERS)]
+        letter = LETTERS[max(range(len(lls)), key=lambda i: (lls[i], -i))]  # the first of equals, as argmax
+        records.append({"id": item.id, "prompt": item.prompt, "gold": item.gold, "generations": [],
+                        "extracted": [letter], "correct": [letter == item.gold], "loglikelihoods": lls})
+    return records
+
+
+def verdicts(task: Task, items: list[Item], generations: list[list[str]], extracted: list[list],
+             limits: Limits, workers: int | None) -> list[dict]:
     if task.code:
         programs = [task.program(e, item) for item, es in zip(items, extracted) for e in es]
         outcomes = iter(run_programs(programs, limits, workers))
@@ -127,28 +163,65 @@ def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
     return out
 
 
+def shot_pool(task: str, protocol: proto.Protocol, settings: dict) -> dict:
+    """MMLU: subject -> its dev items, in file order; GSM8K: all under '' (the exemplars)."""
+    if not protocol.shots:
+        return {}
+    if task == "gsm8k":
+        return {"": GSM8K_EXEMPLARS}
+    pool: dict[str, list[Item]] = {}
+    for item in get_task(task).load(settings.get("dev") or DEV[task]):
+        pool.setdefault(item.extra.get("subject", ""), []).append(item)
+    return pool
+
+
+def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: dict, eng, need: int,
+                data: str) -> tuple[list[str], list[int]]:
+    """Each item's prompt text and the shots it kept: shots that do not fit the context with
+    `need` more tokens are dropped from the end (open-instruct's rule)."""
+    limit = getattr(eng, "max_len", None)
+    special = protocol.format != "model"
+    texts, kept = [], []
+    for item in items:
+        shots = pool.get("" if task == "gsm8k" else item.extra.get("subject", ""), [])[:protocol.shots]
+        while True:
+            text = proto.render(proto.user_text(task, item, shots), protocol.format, eng.tokenizer, task,
+                                protocol.mode == "choice")
+            length = len(eng.encode(text, special))
+            if not limit or length + need <= limit or not shots:
+                break
+            shots = shots[:-1]
+        if limit and length + 1 > limit:
+            raise ValueError(f"{data}: example {item.id!r} has a {length}-token prompt, longer than the "
+                             f"model's context of {limit}")
+        texts.append(text)
+        kept.append(len(shots))
+    return texts, kept
+
+
 def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: dict | None = None,
              limit: int | None = None, engine=None, progress: bool = True) -> dict:
     """Evaluate and write the results; returns the summary. `engine`: an already built one."""
     from tqdm import tqdm
     settings = dict(settings or {})
     task = get_task(task_name)
+    protocol = proto.default_protocol(task_name, settings)
+    sampling = sampling_for(task_name, settings, protocol.format)
     items = task.load(data, limit)
-    sampling = sampling_for(task_name, settings)
+    pool = shot_pool(task_name, protocol, settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "examples.partial.jsonl"
+    about_protocol = {**protocol.as_dict(), **({"dev": settings.get("dev") or DEV[task_name]}
+                                               if task_name == "mmlu" and protocol.shots else {})}
     identity = {"model": str(model), "task": task_name, "data": str(data), "limit": limit,
-                "sampling": dataclasses.asdict(sampling)}
+                "sampling": dataclasses.asdict(sampling), "protocol": about_protocol}
     done = _resume(partial, identity)
     t0 = time.perf_counter()
     eng = engine or engine_from_settings(model, settings)
-    prompts = [eng.encode(prompt_text(item.prompt)) for item in items]
-    limit_len = getattr(eng, "max_len", None)
-    for item, p in zip(items, prompts):
-        if limit_len and len(p) + 1 > limit_len:
-            raise ValueError(f"{data}: example {item.id!r} has a {len(p)}-token prompt, longer than the "
-                             f"model's context of {limit_len}")
+    choice = protocol.mode == "choice"
+    texts, kept = prompts_for(task_name, items, protocol, pool, eng, 1 if choice else sampling.max_tokens, data)
+    special = protocol.format != "model"  # a chat template writes its own special tokens
     limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
     chunk = int(settings.get("chunk", 64))
     ks = [int(k) for k in settings.get("k", [1])]
@@ -161,9 +234,13 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
             log.write(json.dumps({"identity": identity}) + "\n")
         for first in range(0, len(todo), chunk):
             idx = todo[first:first + chunk]
-            generations = eng.generate_ids([prompts[i] for i in idx], sampling)
-            new = score_chunk(task, [items[i] for i in idx], generations, limits, settings.get("workers"))
-            for r in new:
+            if choice:
+                new = choose([items[i] for i in idx], [texts[i] for i in idx], eng, special)
+            else:
+                generations = eng.generate_ids([eng.encode(texts[i], special) for i in idx], sampling)
+                new = score_chunk(task, [items[i] for i in idx], generations, limits, settings.get("workers"))
+            for i, r in zip(idx, new):
+                r["input"], r["shots"] = texts[i], kept[i]  # the exact text the model saw
                 log.write(json.dumps(r) + "\n")
             log.flush()
             os.fsync(log.fileno())
@@ -172,10 +249,22 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
             bar.set_postfix_str(f"score {sum(sum(r['correct']) / len(r['correct']) for r in records) / len(records):.3f}")
     bar.close()
     summary = write_results(out, task_name, items, records, ks, {
-        "model": str(model), "data": str(data), "engine": eng.name, "sampling": dataclasses.asdict(sampling),
-        "seconds": time.perf_counter() - t0})
+        "model": str(model), "data": str(data), "limit": limit, "engine": eng.name, "protocol": about_protocol,
+        "sampling": dataclasses.asdict(sampling), "seconds": time.perf_counter() - t0})
     partial.unlink(missing_ok=True)
     return summary
+
+
+COMPARED = ("task", "data", "limit", "protocol", "sampling", "examples")
+
+
+def check_comparable(a: dict, b: dict) -> None:
+    """Refuse to compare two summaries that were not made the same way (task, items, protocol,
+    sampling); the error names every difference."""
+    differ = [k for k in COMPARED if a.get(k) != b.get(k)]
+    if differ:
+        raise ValueError("these evaluations are not comparable; they differ in " + "; ".join(
+            f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differ))
 
 
 def write_results(out: Path, task_name: str, items: list[Item], records: list[dict], ks: list[int],

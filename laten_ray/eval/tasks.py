@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..formats import (CODE_PROMPT, LETTERS, LayoutError, gsm8k_final, gsm8k_prompt, mbpp_full,
-                       mbpp_signature, mmlu_prompt)
+                       mbpp_signature, mmlu_block, mmlu_header)
 from ..records import DataError, read_records
 from .sandbox import Program
 
@@ -125,14 +125,15 @@ class GSM8K(Task):
         gold = normalize_number(gsm8k_final(r["answer"]))
         if gold is None:
             raise DataError(f"{where}: the answer after '####' is not a number")
-        return Item(str(r.get("id", where)), gsm8k_prompt(r["question"]), gold)
+        return Item(str(r.get("id", where)), gsm8k_prompt(r["question"]), gold, extra={"question": r["question"]})
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, answer = _messages(r, where)
         gold = last_number(answer.rsplit("####", 1)[-1])
         if gold is None:
             raise DataError(f"{where}: the assistant answer holds no number")
-        return Item(str(r.get("id", where)), user, gold)
+        question = user.split("Question: ", 1)[1] if "Question: " in user else user
+        return Item(str(r.get("id", where)), user, gold, extra={"question": question})
 
     def extract(self, generation: str, item: Item) -> str | None:
         return last_number(generation)
@@ -145,15 +146,18 @@ class MMLU(Task):
         _need(r, ("subject", "question", "choices", "answer"), where)
         if len(r["choices"]) != 4 or r["answer"] not in range(4):
             raise DataError(f"{where}: expected 4 choices and an answer index 0-3")
-        prompt = mmlu_prompt(r["subject"], r["question"], r["choices"])
-        return Item(str(r.get("id", where)), prompt, LETTERS[r["answer"]], extra={"subject": r["subject"]})
+        block = mmlu_block(r["question"], r["choices"])
+        return Item(str(r.get("id", where)), mmlu_header(r["subject"]) + block, LETTERS[r["answer"]],
+                    extra={"subject": r["subject"], "block": block})
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, answer = _messages(r, where)
         gold = mmlu_letter(answer)
         if gold is None:
             raise DataError(f"{where}: the assistant answer names no letter A-D")
-        return Item(str(r.get("id", where)), user, gold, extra={"subject": r.get("category", "")})
+        subject = r.get("category", "")
+        block = user.split("\n\n", 1)[1] if user.startswith("The following are") else user
+        return Item(str(r.get("id", where)), user, gold, extra={"subject": subject, "block": block})
 
     def extract(self, generation: str, item: Item) -> str | None:
         return mmlu_letter(generation)
