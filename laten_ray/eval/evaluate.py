@@ -19,7 +19,8 @@ from .. import checkpoint as ckpt
 from ..formats import GSM8K_EXEMPLARS, LETTERS
 from ..records import DataError, read_records
 from . import protocol as proto
-from .engines import Sampling, engine_from_settings
+from ..models import load_tokenizer
+from .engines import Sampling, context_of, engine_from_settings
 from .sandbox import Limits, run_programs
 from .tasks import Item, Task, get_task, interval95, pass_at_k
 
@@ -28,7 +29,7 @@ DEFAULTS = {"gsm8k": {"max_tokens": 512}, "mmlu": {"max_tokens": 16},
             "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512}}
 DEV = {"mmlu": "data/eval/mmlu_dev.jsonl"}  # where MMLU's shots come from
 PROTOCOL_KEYS = {"chat_format", "shots", "mode", "dev"}
-SETTINGS = {"engine", "dtype", "device", "batch_size", "chunk", "k", "timeout_s", "workers", *PROTOCOL_KEYS,
+SETTINGS = {"engine", "dtype", "device", "batch_size", "kv_cache_gb", "chunk", "k", "timeout_s", "workers", *PROTOCOL_KEYS,
             *(f.name for f in dataclasses.fields(Sampling))}
 
 
@@ -59,6 +60,8 @@ def add_arguments(e) -> None:
     e.add_argument("--mode", choices=list(proto.MODES), default=None,
                    help="MMLU: choice (log-likelihood of the letters, default) or generate")
     e.add_argument("--dev", default=None, help=f"MMLU: where shots come from (default {DEV['mmlu']})")
+    e.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="vLLM on CPU: KV-cache memory (default: a few of the task's longest sequences, within half the free memory)")
 
 
 def settings_from_args(args) -> dict:
@@ -66,7 +69,8 @@ def settings_from_args(args) -> dict:
         "engine": args.engine, "max_tokens": args.max_tokens, "temperature": args.temperature,
         "top_p": args.top_p, "n": args.n, "k": args.k, "stop": args.stop, "dtype": args.dtype,
         "device": args.device, "batch_size": args.batch_size, "seed": args.seed, "timeout_s": args.timeout,
-        "chat_format": args.chat_format, "shots": args.shots, "mode": args.mode, "dev": args.dev})
+        "chat_format": args.chat_format, "shots": args.shots, "mode": args.mode, "dev": args.dev,
+        "kv_cache_gb": args.kv_cache_gb})
 
 
 def print_summary(summary: dict, out) -> None:
@@ -175,19 +179,19 @@ def shot_pool(task: str, protocol: proto.Protocol, settings: dict) -> dict:
     return pool
 
 
-def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: dict, eng, need: int,
-                data: str) -> tuple[list[str], list[int]]:
-    """Each item's prompt text and the shots it kept: shots that do not fit the context with
-    `need` more tokens are dropped from the end (open-instruct's rule)."""
-    limit = getattr(eng, "max_len", None)
+def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: dict, tokenizer,
+                limit: int | None, need: int, data: str) -> tuple[list[str], list[int], int]:
+    """Each item's prompt text, the shots it kept, and the longest prompt's tokens: shots that
+    do not fit the context `limit` with `need` more tokens are dropped from the end
+    (open-instruct's rule)."""
     special = protocol.format != "model"
-    texts, kept = [], []
+    texts, kept, longest = [], [], 0
     for item in items:
         shots = pool.get("" if task == "gsm8k" else item.extra.get("subject", ""), [])[:protocol.shots]
         while True:
-            text = proto.render(proto.user_text(task, item, shots), protocol.format, eng.tokenizer, task,
+            text = proto.render(proto.user_text(task, item, shots), protocol.format, tokenizer, task,
                                 protocol.mode == "choice")
-            length = len(eng.encode(text, special))
+            length = len(tokenizer(text, add_special_tokens=special)["input_ids"])
             if not limit or length + need <= limit or not shots:
                 break
             shots = shots[:-1]
@@ -196,12 +200,14 @@ def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: di
                              f"model's context of {limit}")
         texts.append(text)
         kept.append(len(shots))
-    return texts, kept
+        longest = max(longest, length)
+    return texts, kept, longest
 
 
 def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: dict | None = None,
-             limit: int | None = None, engine=None, progress: bool = True) -> dict:
-    """Evaluate and write the results; returns the summary. `engine`: an already built one."""
+             limit: int | None = None, engine=None, progress: bool = True, keep_engine: bool = False):
+    """Evaluate and write the results; returns the summary (and the engine, with `keep_engine`,
+    for the next evaluation). `engine`: an already built one."""
     from tqdm import tqdm
     settings = dict(settings or {})
     task = get_task(task_name)
@@ -218,9 +224,11 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
                 "sampling": dataclasses.asdict(sampling), "protocol": about_protocol}
     done = _resume(partial, identity)
     t0 = time.perf_counter()
-    eng = engine or engine_from_settings(model, settings)
     choice = protocol.mode == "choice"
-    texts, kept = prompts_for(task_name, items, protocol, pool, eng, 1 if choice else sampling.max_tokens, data)
+    need = 1 if choice else sampling.max_tokens
+    tokenizer, context = (engine.tokenizer, engine.max_len) if engine else (load_tokenizer(model), context_of(model))
+    texts, kept, longest = prompts_for(task_name, items, protocol, pool, tokenizer, context, need, data)
+    eng = engine or engine_from_settings(model, settings, longest + need)  # vLLM sized for these prompts
     special = protocol.format != "model"  # a chat template writes its own special tokens
     limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
     chunk = int(settings.get("chunk", 64))
@@ -252,7 +260,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
         "model": str(model), "data": str(data), "limit": limit, "engine": eng.name, "protocol": about_protocol,
         "sampling": dataclasses.asdict(sampling), "seconds": time.perf_counter() - t0})
     partial.unlink(missing_ok=True)
-    return summary
+    return (summary, eng) if keep_engine else summary
 
 
 COMPARED = ("task", "data", "limit", "protocol", "sampling", "examples")
