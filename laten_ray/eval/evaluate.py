@@ -225,7 +225,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     done = _resume(partial, identity)
     t0 = time.perf_counter()
     choice = protocol.mode == "choice"
-    need = 1 if choice else sampling.max_tokens
+    need = 8 if choice else sampling.max_tokens  # choice: a letter's tokens, and the one token vLLM generates
     tokenizer, context = (engine.tokenizer, engine.max_len) if engine else (load_tokenizer(model), context_of(model))
     texts, kept, longest = prompts_for(task_name, items, protocol, pool, tokenizer, context, need, data)
     eng = engine or engine_from_settings(model, settings, longest + need)  # vLLM sized for these prompts
