@@ -1,0 +1,64 @@
+"""Paired comparisons of two evaluations on the same items (for `laten study`, docs/method.md §8).
+
+Every function takes per-item scores in the same item order (0/1 verdicts, or per-item pass@1
+fractions). Intervals are 95% unless said otherwise; randomness is seeded, so a report rebuilt
+from the same results prints the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int                      # items scored by both
+    difference: float           # mean(b) - mean(a)
+    ci95: tuple[float, float]   # paired bootstrap (percentile) interval of the difference
+    only_a: int                 # items a got right and b wrong (0/1 scores)
+    only_b: int                 # items b got right and a wrong
+    p_mcnemar: float | None     # exact McNemar p-value, two-sided (0/1 scores only)
+
+
+def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(b - a), resampling items with replacement (the same
+    items for both arms, which is what makes it paired)."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)  # [N]
+    if d.size == 0:
+        raise ValueError("no items to compare")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)  # [R]
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: under no difference the discordant items split 50/50."""
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5, alternative="two-sided").pvalue)
+
+
+def compare(a, b, resamples: int = 10_000, seed: int = 0) -> Paired:
+    """b against a on the same items."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same items: {a.size} vs {b.size}")
+    binary = bool(np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all())
+    only_a = int(((a == 1) & (b == 0)).sum()) if binary else 0
+    only_b = int(((a == 0) & (b == 1)).sum()) if binary else 0
+    return Paired(int(a.size), float(b.mean() - a.mean()), paired_bootstrap(a, b, resamples, seed),
+                  only_a, only_b, mcnemar_exact(only_a, only_b) if binary else None)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment for several comparisons (scipy offers only false-discovery
+    control): the i-th smallest p is multiplied by (m - i), made monotone, capped at 1."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
