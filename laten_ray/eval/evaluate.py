@@ -18,8 +18,8 @@ import yaml
 from .. import checkpoint as ckpt
 from ..formats import GSM8K_EXEMPLARS, LETTERS
 from ..records import DataError, read_records
-from . import protocol as proto
 from ..models import load_tokenizer
+from . import protocol as proto
 from .engines import Sampling, context_of, engine_from_settings
 from .sandbox import Limits, run_programs
 from .tasks import Item, Task, get_task, interval95, pass_at_k
@@ -112,7 +112,18 @@ def score_chunk(task: Task, items: list[Item], generations: list[list[str]], lim
                 workers: int | None) -> list[dict]:
     """One record per item: its generations, extracted answers and verdicts."""
     extracted = [[task.extract(g, item) for g in gens] for item, gens in zip(items, generations)]
-    return verdicts(task, items, generations, extracted, limits, workers)
+    if task.code:
+        programs = [task.program(e, item) for item, es in zip(items, extracted) for e in es]
+        outcomes = iter(run_programs(programs, limits, workers))
+        per_item = [[next(outcomes) for _ in es] for es in extracted]
+        verdict = [[o.passed for o in os_] for os_ in per_item]
+        details = [{"status": [o.status for o in os_], "reason": [o.detail for o in os_]} for os_ in per_item]
+    else:
+        verdict = [[task.correct(e, item) for e in es] for item, es in zip(items, extracted)]
+        details = [{}] * len(items)
+    return [{"id": item.id, "prompt": item.prompt, "gold": item.gold or None, "generations": gens,
+             "extracted": ex, "correct": v, **d}
+            for item, gens, ex, v, d in zip(items, generations, extracted, verdict, details)]
 
 
 def choose(items: list[Item], texts: list[str], eng, special: bool) -> list[dict]:
@@ -132,22 +143,6 @@ def choose(items: list[Item], texts: list[str], eng, special: bool) -> list[dict
         records.append({"id": item.id, "prompt": item.prompt, "gold": item.gold, "generations": [],
                         "extracted": [letter], "correct": [letter == item.gold], "loglikelihoods": lls})
     return records
-
-
-def verdicts(task: Task, items: list[Item], generations: list[list[str]], extracted: list[list],
-             limits: Limits, workers: int | None) -> list[dict]:
-    if task.code:
-        programs = [task.program(e, item) for item, es in zip(items, extracted) for e in es]
-        outcomes = iter(run_programs(programs, limits, workers))
-        verdicts = [[next(outcomes) for _ in es] for es in extracted]
-        verdict = [[o.passed for o in os_] for os_ in verdicts]
-        details = [{"status": [o.status for o in os_], "reason": [o.detail for o in os_]} for os_ in verdicts]
-    else:
-        verdict = [[task.correct(e, item) for e in es] for item, es in zip(items, extracted)]
-        details = [{}] * len(items)
-    return [{"id": item.id, "prompt": item.prompt, "gold": item.gold or None, "generations": gens,
-             "extracted": ex, "correct": v, **d}
-            for item, gens, ex, v, d in zip(items, generations, extracted, verdict, details)]
 
 
 def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
@@ -184,14 +179,13 @@ def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: di
     """Each item's prompt text, the shots it kept, and the longest prompt's tokens: shots that
     do not fit the context `limit` with `need` more tokens are dropped from the end
     (open-instruct's rule)."""
-    special = protocol.format != "model"
     texts, kept, longest = [], [], 0
     for item in items:
         shots = pool.get("" if task == "gsm8k" else item.extra.get("subject", ""), [])[:protocol.shots]
         while True:
             text = proto.render(proto.user_text(task, item, shots), protocol.format, tokenizer, task,
                                 protocol.mode == "choice")
-            length = len(tokenizer(text, add_special_tokens=special)["input_ids"])
+            length = len(tokenizer(text, add_special_tokens=protocol.special_tokens)["input_ids"])
             if not limit or length + need <= limit or not shots:
                 break
             shots = shots[:-1]
@@ -229,7 +223,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     tokenizer, context = (engine.tokenizer, engine.max_len) if engine else (load_tokenizer(model), context_of(model))
     texts, kept, longest = prompts_for(task_name, items, protocol, pool, tokenizer, context, need, data)
     eng = engine or engine_from_settings(model, settings, longest + need)  # vLLM sized for these prompts
-    special = protocol.format != "model"  # a chat template writes its own special tokens
+    special = protocol.special_tokens
     limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
     chunk = int(settings.get("chunk", 64))
     ks = [int(k) for k in settings.get("k", [1])]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..data import chat_prompt
 from ..formats import LETTERS, gsm8k_few_shot, mmlu_header
+from .engines import prompt_text
 
 FORMATS = ("laten", "model", "plain")
 MODES = ("choice", "generate")
@@ -45,6 +45,11 @@ class Protocol:
             raise ValueError(f"shots: {task} takes 0 to {MAX_SHOTS[task]} shots, got {self.shots}")
         return self
 
+    @property
+    def special_tokens(self) -> bool:
+        """Whether encoding adds the tokenizer's special tokens: not where a chat template wrote them."""
+        return self.format != "model"
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -70,7 +75,7 @@ def render(user: str, fmt: str, tokenizer, task: str, choice: bool) -> str:
     if fmt == "plain":
         return user + ("\nAnswer:" if task == "gsm8k" and "Question: " in user else "")
     if fmt == "laten":
-        text = chat_prompt([{"role": "user", "content": user}, {"role": "assistant", "content": ""}])
+        text = prompt_text(user)
     else:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_format: model, but this model's tokenizer has no chat template; "
