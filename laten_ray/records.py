@@ -44,8 +44,9 @@ def _split_folder_spec(spec: str) -> tuple[Path, str | None]:
     path = resolve_path(spec)
     if not path.exists() and ":" in spec:
         head, split = spec.rsplit(":", 1)
-        if is_saved_dataset(resolve_path(head)):
-            return resolve_path(head), split
+        folder = resolve_path(head)
+        if is_saved_dataset(folder):
+            return folder, split
     return path, None
 
 

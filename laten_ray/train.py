@@ -127,8 +127,8 @@ class Trainer:
 
     def step(self, step: int, slices: dict, index: dict, examples: list[Example]) -> dict:
         """One optimizer step on `examples` with the source's slices {module: [L_t, K, d_s]}
-        injected at the target's neurons `index` {module: [L_t, K]}."""
-        t0 = time.perf_counter()
+        injected at the target's neurons `index` {module: [L_t, K]}. The caller adds the step's
+        timings to the metrics (the same dict the history keeps)."""
         arch, t = self.target.arch, self.cfg
         index = {m: i.to(self.target.model.device) for m, i in index.items()}
         batches = [lm_batch(self.target.tokenizer, examples[i:i + t.train.micro_batch_size],
@@ -153,8 +153,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "steps": self.total, "lm_loss": lm_loss, "reg_loss": reg,
                    "loss": lm_loss + reg, "lr": lr, "tokens": n_tokens,
-                   "slice_bytes": sum(s.numel() * s.element_size() for s in slices.values()),
-                   "step_s": time.perf_counter() - t0}
+                   "slice_bytes": sum(s.numel() * s.element_size() for s in slices.values())}
         self.history.append(metrics)
         return metrics
 
@@ -220,7 +219,7 @@ class TargetTraining:
         index = self.select(step).index
         metrics = self.trainer.step(step, source.slices, index, self.batch_examples(step))
         metrics["target_attribution_s"] = self.target.take_seconds()
-        metrics["step_s"] = time.perf_counter() - t0  # the target's attribution included
+        metrics["step_s"] = time.perf_counter() - t0  # the target's selection included
         return metrics
 
     def save_checkpoint(self, step: int, background: bool = False) -> Path:
