@@ -2,6 +2,7 @@
 
     python bench/attribution.py                 # all parts (the Qwen-shaped part takes minutes)
     python bench/attribution.py --skip-qwen     # only the Llama comparison
+    python bench/attribution.py --skip-llama --skip-qwen   # only the score cache (about a minute)
 
 Llama part: a random Llama (hidden 1024, FFN 2816, 8 layers, 16 heads, vocab 32000, fp32) scores
 the same examples three ways:
@@ -13,6 +14,9 @@ the same examples three ways:
                 neuron); timed on a sample of neurons of the first example and extrapolated
 Qwen part: peak RSS of `attribute` on a Qwen2.5-1.5B-shaped random model (bf16), in a fresh
 process.
+Cache part: the same Llama attributes one batch through `locate.Source` with a score cache
+(laten_ray/score_cache.py): cold (a miss: model hash, attribution, write), warm (a hit), and
+warm in a fresh Source (model hash again, then a hit), side by side.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,8 +38,11 @@ from common import peak_rss_bytes, random_llama, reset_peak_rss, rss_bytes  # be
 from laten_ray.arch import Arch
 from laten_ray.attribution import Scores, attribute, capture, score_captured
 from laten_ray.builtin.tiny import build_tokenizer
+from laten_ray.config import config_from_dict
 from laten_ray.data import attribution_batch, attribution_ids, read_examples
+from laten_ray.locate import Source
 from laten_ray.reference import _trace
+from laten_ray.score_cache import model_hash
 
 GiB = 1 << 30
 
@@ -191,6 +200,42 @@ def llama_part(args, tokenizer, examples) -> None:
     print(f"speed-up batched vs per-example projection:    {t_per_example / t_batched:8.1f}x")
 
 
+# --- score cache: cold vs warm ------------------------------------------------------------------
+def cache_part(args, tokenizer, examples) -> None:
+    model = llama_model(args)
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = config_from_dict({"source": {"model": "bench"}, "target": {"model": "bench"},
+                                "attribution": {"batch_size": args.batch_size, "chunk_mb": args.chunk_mb,
+                                                "cache": folder}})
+        s = Arch(model).shape
+        print(f"\nScore cache: the Llama (hidden {s.hidden}, FFN {s.ffn}, {s.n_layers} layers, vocab {s.vocab}, "
+              f"fp32), one batch of {len(examples)} examples ...", flush=True)
+        source = Source(cfg, model, tokenizer)
+        cold = source.scores(examples)
+        t_cold = source.take_seconds()
+        warm = source.scores(examples)
+        t_warm = source.take_seconds()
+        fresh = Source(cfg, model, tokenizer)
+        again = fresh.scores(examples)
+        t_fresh = fresh.take_seconds()
+        t0 = time.perf_counter()
+        model_hash(model)
+        t_hash = time.perf_counter() - t0
+        file_bytes = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    same = all(torch.equal(a.tensors()[k], b.tensors()[k]) and torch.equal(a.tensors()[k], c.tensors()[k])
+               for a, b, c in zip(cold, warm, again) for k in a.tensors())
+    print(f"{'score cache':<42}{'seconds':>12}")
+    print(f"{'cold (miss: hash + attribute + write)':<42}{t_cold:>12.3f}")
+    print(f"{'warm (hit)':<42}{t_warm:>12.3f}")
+    print(f"{'warm, fresh Source (hash + hit)':<42}{t_fresh:>12.3f}")
+    print(f"  model hash alone: {t_hash:.3f}s for {n_bytes / 1e6:.0f} MB of weights; "
+          f"cache file {file_bytes / 1e6:.2f} MB; hits {source.cache_hits + fresh.cache_hits}, "
+          f"misses {source.cache_misses + fresh.cache_misses}; bit-identical: {same}")
+    print(f"speed-up warm vs cold:                       {t_cold / t_warm:8.0f}x")
+    print(f"speed-up warm fresh Source vs cold:          {t_cold / t_fresh:8.1f}x")
+
+
 # --- Qwen-shaped peak memory --------------------------------------------------------------------
 def qwen_worker(args) -> None:
     """In a fresh process: build the model, run attribute, print one JSON line of measurements."""
@@ -256,6 +301,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 were slower than 1 here)")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-qwen", action="store_true")
+    p.add_argument("--skip-cache", action="store_true")
     p.add_argument("--qwen-examples", type=int, default=1)
     p.add_argument("--qwen-layers", type=int, default=2,
                    help="Qwen layers to score (0 = all 28); peak memory does not depend on it, "
@@ -269,6 +315,8 @@ def main() -> None:
         tokenizer = build_tokenizer()
         examples = read_examples(args.data, limit=args.examples)
         llama_part(args, tokenizer, examples)
+    if not args.skip_cache:
+        cache_part(args, build_tokenizer(), read_examples(args.data, limit=args.batch_size))
     if not args.skip_qwen:
         qwen_part(args)
 

@@ -64,6 +64,8 @@ class TransferConfig:
 class AttributionConfig:
     batch_size: int = 8   # examples per forward pass
     chunk_mb: int = 256   # memory for the vocabulary x neuron blocks of the exact scores
+    cache: str = ""       # folder of cached scores (score_cache.py; relative to the working
+                          # directory); "" = $LATEN_ATTRIBUTION_CACHE, unset = off
 
 
 @dataclass
@@ -296,6 +298,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.attribution.cache != cfg.attribution.cache.strip():
+        raise ConfigError(f"attribution.cache: a folder path without leading or trailing spaces, "
+                          f"got {cfg.attribution.cache!r}")
     _check_ray(cfg)
 
 

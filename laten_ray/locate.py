@@ -11,8 +11,10 @@ from .arch import Arch, Shape
 from .attribution import Scores, attribute_each
 from .data import Example
 from .models import load_model, load_tokenizer, pick_device
+from .score_cache import ScoreCache, cache_folder
 
 FFN_MODULES = ("up", "down")  # one FFN neuron k = row k of up_proj + column k of down_proj
+GROUP = 64  # examples of one call that share each per-layer projection (attribute_each's group)
 
 
 def neuron_counts(target: Shape, rate: float, modules) -> dict[str, int]:
@@ -86,25 +88,39 @@ def locate_target(scores: Scores, shape: Shape, counts: dict[str, int]) -> Locat
 
 class _Model:
     """A loaded model (or a given one) with its tokenizer, seen through its family table, that
-    counts the seconds it spends in attribution."""
+    counts the seconds it spends in attribution and, with a score cache (score_cache.py), its
+    cache hits and misses in examples."""
 
     def __init__(self, spec: str, dtype: str, device: str, batch_size: int, chunk_mb: int,
-                 model=None, tokenizer=None):
+                 model=None, tokenizer=None, cache: str = ""):
         self.tokenizer = tokenizer or load_tokenizer(spec)
         self.model = model or load_model(spec, dtype, pick_device(device))
         self.arch = Arch(self.model)
-        self.batch_size, self.budget = batch_size, chunk_mb << 20
+        self.batch_size, self.chunk_mb, self.budget = batch_size, chunk_mb, chunk_mb << 20
+        folder = cache_folder(cache)
+        self.cache = ScoreCache(folder, self.model) if folder else None
         self.attribution_seconds = 0.0
+        self.cache_hits = self.cache_misses = 0
 
     def scores(self, examples: list[Example]) -> list[Scores]:
-        """Each example's scores; the examples share every per-layer projection."""
+        """Each example's scores; the examples share every per-layer projection. With a cache,
+        a batch seen before is read back instead (the same bits), a new one is stored."""
         t0 = time.perf_counter()
-        each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget)
+        cache = self.cache
+        key = cache.key(self.tokenizer, examples, self.batch_size, self.chunk_mb, GROUP) if cache else None
+        each = cache.get(key) if cache else None
+        if each is not None:
+            self.cache_hits += len(examples)
+        else:
+            each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget, GROUP)
+            if cache:
+                self.cache_misses += len(examples)
+                cache.put(key, each)
         self.attribution_seconds += time.perf_counter() - t0
         return each
 
     def take_seconds(self) -> float:
-        """Attribution seconds since the last call."""
+        """Attribution seconds since the last call (cache reads and writes included)."""
         seconds, self.attribution_seconds = self.attribution_seconds, 0.0
         return seconds
 
@@ -115,7 +131,8 @@ class Source(_Model):
     def __init__(self, cfg, model=None, tokenizer=None):
         """Loads cfg.source unless an already built model and tokenizer are given."""
         super().__init__(cfg.source.model, cfg.source.dtype, cfg.source.device,
-                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer)
+                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer,
+                         cfg.attribution.cache)
 
     def locate(self, examples: list[Example], target: Shape, counts: dict[str, int],
                on_cpu: bool = True) -> list[Located]:
@@ -136,7 +153,8 @@ class Target(_Model):
         """Loads cfg.target (in `dtype` if given) unless an already built model is given; K
         from `rate`."""
         super().__init__(cfg.target.model, dtype or cfg.target.dtype, cfg.target.device,
-                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer)
+                         cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer,
+                         cfg.attribution.cache)
         self.counts = neuron_counts(self.arch.shape, rate, cfg.transfer.modules)
 
     def locate(self, examples: list[Example]) -> list[Located]:

@@ -253,16 +253,26 @@ class TargetTraining:
 # The sections that do not change what training computes; a resumed run may differ in them.
 # (attribution does: its batching moves scores in the last bits, see group_of.)
 _FREE_SECTIONS = ("merge", "ray")
+# Nor do these keys: the score cache returns the very bits attribution computes.
+_FREE_KEYS = (("attribution", "cache"),)
+
+
+def _compared(tree: dict) -> dict:
+    """The part of a config tree that a resumed run must repeat."""
+    out = {k: v for k, v in tree.items() if k not in _FREE_SECTIONS}
+    for section, key in _FREE_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Create the run folder, or check that an existing one was started with the same config."""
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
-    current = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_SECTIONS}
+    current = _compared(cfg.to_dict())
     if saved.is_file() and ckpt.checkpoint_steps(run_dir):
-        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        before = {k: v for k, v in before.items() if k not in _FREE_SECTIONS}
+        before = _compared(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
         if before != current:
             diff = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
             raise ConfigError(f"run folder {run_dir} holds checkpoints of a different config "
