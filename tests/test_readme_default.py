@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +23,6 @@ def modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
 
 
-@pytest.mark.slow  # pre-trains the demo models on first use
 def test_default_job_trains_pretrained_tiny_models_and_merges(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # LATEN_CACHE comes from the session fixture
     out = tmp_path / "merged"
@@ -33,7 +31,8 @@ def test_default_job_trains_pretrained_tiny_models_and_merges(tmp_path):
     lines = [l for l in trained.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 8 and lines[-1].startswith("step 8/8")  # one step per extract example
     losses = [json.loads(l)["lm_loss"] for l in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    # the demo target was pre-trained: its answer loss is far below uniform (ln 512 = 6.24)
+    # the shipped demo target knows the answer format, not the table: its answer loss is far
+    # below uniform (ln 512 = 6.24) and far above the source's (about 0.001)
     assert all(0.5 < x < 5.0 for x in losses), losses
     merged = laten("merge", "--run", str(tmp_path / "tiny"), "--out", str(out), env=env)  # no overrides again
     assert merged.returncode == 0, merged.stderr

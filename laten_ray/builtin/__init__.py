@@ -1,5 +1,6 @@
-"""What ships without a download: the demo task's data (`demo.py`) and the tiny models built
-from configs (`tiny.py`), written once into the cache folder."""
+"""What ships without a download: the demo task's data (`demo.py`, written once into the cache
+folder), the tiny random models built from configs into the cache folder, and the demo pair
+shipped pre-trained in `weights/` (`tiny.py`)."""
 from __future__ import annotations
 
 import os

@@ -26,7 +26,8 @@ from .tasks import Item, Task, get_task, interval95, pass_at_k
 
 # Per task: what a generation needs (the paper's 0-shot chat prompts).
 DEFAULTS = {"gsm8k": {"max_tokens": 512}, "mmlu": {"max_tokens": 16},
-            "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512}}
+            "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512},
+            "demo": {"max_tokens": 48}}  # a demo answer is about 20 tokens
 DEV = {"mmlu": "data/eval/mmlu_dev.jsonl"}  # where MMLU's shots come from
 PROTOCOL_KEYS = {"chat_format", "shots", "mode", "dev"}
 SETTINGS = {"engine", "dtype", "device", "batch_size", "kv_cache_gb", "chunk", "k", "timeout_s", "workers", *PROTOCOL_KEYS,
@@ -36,7 +37,7 @@ SETTINGS = {"engine", "dtype", "device", "batch_size", "kv_cache_gb", "chunk", "
 def add_arguments(e) -> None:
     """The options of `laten evaluate` and `python -m jobs.evaluate`."""
     e.add_argument("--model", required=True, help="HF model folder (e.g. a merged one) or tiny:NAME")
-    e.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp"])
+    e.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp", "demo"])
     e.add_argument("--data", required=True, help="test jsonl: the public format or the paper's `messages`")
     e.add_argument("--out", required=True, help="folder for examples.jsonl and summary.json")
     e.add_argument("--limit", type=int, default=None, help="the first N examples")

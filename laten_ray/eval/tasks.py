@@ -1,4 +1,5 @@
-"""Evaluation tasks (docs/method.md §8): GSM8K, MMLU, HumanEval, MBPP. Each reads the public
+"""Evaluation tasks (docs/method.md §8): GSM8K, MMLU, HumanEval, MBPP, and the built-in demo
+task (exact match of the stated number). Each reads the public
 layouts and the paper's chat `messages` format from any data spec, builds the 0-shot prompt of
 the paper's data (formats.py), extracts the answer from a generation and scores it (code tasks:
 the program that `program` builds runs in the sandbox). Scores of every example feed
@@ -72,6 +73,13 @@ def last_number(text: str) -> str | None:
     return None
 
 
+def stated_answer(text: str) -> str | None:
+    """The number after the first 'the answer is', else the last number in the text."""
+    m = re.search(r"answer is\s*:?\s*(" + _NUMBER.pattern + ")", text, re.IGNORECASE)
+    number = normalize_number(m.group(1)) if m else None
+    return number if number is not None else last_number(text)
+
+
 def mmlu_letter(text: str) -> str | None:
     """The chosen letter: after 'answer is', else a leading 'B.' / '(B)' / 'B', else the only
     standalone A-D letter in the text."""
@@ -137,6 +145,24 @@ class GSM8K(Task):
 
     def extract(self, generation: str, item: Item) -> str | None:
         return last_number(generation)
+
+
+class Demo(Task):
+    """The built-in demo task (laten_ray/builtin/demo.py): exact match of the stated number."""
+    name = "demo"
+
+    def from_public(self, r: dict, where: str) -> Item:
+        raise DataError(f"{where}: a demo record needs chat `messages` (have: {', '.join(r)})")
+
+    def from_messages(self, r: dict, where: str) -> Item:
+        user, answer = _messages(r, where)
+        gold = stated_answer(answer)
+        if gold is None:
+            raise DataError(f"{where}: the assistant answer holds no number")
+        return Item(str(r.get("id", where)), user, gold)
+
+    def extract(self, generation: str, item: Item) -> str | None:
+        return stated_answer(generation)
 
 
 class MMLU(Task):
@@ -223,7 +249,7 @@ def called_names(code: str) -> list[str]:
     return list(dict.fromkeys(n for n in names if n not in skip))
 
 
-TASKS = {t.name: t for t in (GSM8K(), MMLU(), HumanEval(), MBPP())}
+TASKS = {t.name: t for t in (GSM8K(), MMLU(), HumanEval(), MBPP(), Demo())}
 
 
 def get_task(name: str) -> Task:
