@@ -12,8 +12,8 @@ class EvaluatorActor:
         self.model, self.settings = model, settings
         self.engine = None  # built by the first evaluation, sized for its prompts
 
-    def evaluate(self, task: str, data: str, out: str, limit: int | None) -> dict:
+    def evaluate(self, task: str, data: str, out: str, limit: int | None, progress: bool = True) -> dict:
         from laten_ray.eval.evaluate import evaluate
         summary, self.engine = evaluate(self.model, task, data, out, self.settings, limit, engine=self.engine,
-                                        keep_engine=True)
+                                        progress=progress, keep_engine=True)
         return summary

@@ -1,4 +1,4 @@
-"""The `laten` command: attribute, train, merge, evaluate, score and serve (`laten serve` is jobs/serve.py)."""
+"""The `laten` command: attribute, train, merge, evaluate, score, study, report and serve (`laten serve` is jobs/serve.py)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,22 @@ def _score(args) -> None:
     print_summary(summary, args.out)
 
 
+def _study(args) -> None:
+    from jobs.study import run_study
+    from laten_ray.study.config import load_study
+
+    study = load_study(args.config, args.overrides)  # every config error fails here, before Ray starts
+    run_study(study, args.address, log=lambda line: print(line, flush=True))
+
+
+def _report(args) -> None:
+    from laten_ray.study.report import write_report
+
+    results = write_report(args.study_dir)
+    print(results["table"])
+    print(f"report: {Path(args.study_dir) / 'report.md'}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="laten", description="LaTen parametric knowledge transfer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +140,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report")
     c.add_argument("--timeout", type=float, default=None, help="seconds per program (code tasks)")
     c.set_defaults(handler=_score)
+
+    y = sub.add_parser("study", help="LaTen against controls and baselines on the same items, on Ray, with a report")
+    y.add_argument("--config", required=True, help="a study config, e.g. configs/study-demo.yaml")
+    y.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, a running "
+                   "local one, or a new one; `local`: always a new one)")
+    y.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
+    y.set_defaults(handler=_study)
+
+    r = sub.add_parser("report", help="rebuild a study's report from its kept results")
+    r.add_argument("study_dir", help="the study folder (STUDY.output_dir/STUDY.name)")
+    r.set_defaults(handler=_report)
 
     # its options live with the server (jobs/serve.py), which imports Ray Serve only when used
     v = sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP API on Ray Serve "

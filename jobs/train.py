@@ -21,15 +21,19 @@ PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 600  # a restarted actor reloads its model
 
 
-def resolve_output_dir(cfg) -> None:
-    """Make `output_dir` absolute. A job's working directory is a temporary copy that Ray
-    deletes, so there a relative output_dir goes under $LATEN_RUNS_DIR (default ~/laten-runs)."""
-    out = Path(cfg.output_dir).expanduser()
-    if not out.is_absolute():
+def absolute_output_dir(out: str) -> Path:
+    """An output folder made absolute. A job's working directory is a temporary copy that Ray
+    deletes, so there a relative one goes under $LATEN_RUNS_DIR (default ~/laten-runs)."""
+    path = Path(out).expanduser()
+    if not path.is_absolute():
         in_job_copy = "runtime_resources" in Path.cwd().parts
         root = os.environ.get("LATEN_RUNS_DIR") or (Path.home() / "laten-runs" if in_job_copy else Path.cwd())
-        out = Path(root).expanduser() / out
-    cfg.output_dir = str(out.resolve())
+        path = Path(root).expanduser() / path
+    return path.resolve()
+
+
+def resolve_output_dir(cfg) -> None:
+    cfg.output_dir = str(absolute_output_dir(cfg.output_dir))
 
 
 def actor_resources(cfg, role: str) -> dict:

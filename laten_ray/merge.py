@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from .config import Config, validate
 from .data import read_examples
 from .hypernet import HyperNet
 from .inject import merge_into
-from .locate import Source, Target
+from .locate import Located, Source, Target
 from .train import make_hypernet
 
 REPORT = "laten_merge.json"
@@ -31,11 +32,16 @@ def seed_example(cfg: Config):
     return examples[cfg.merge.seed_example]
 
 
-def plan_edit(source: Source, target: Target, hypernet: HyperNet, example):
+def plan_edit(source: Source, target: Target, hypernet: HyperNet, example, source_edit=None,
+              target_edit=None):
     """Locate on `example` on both sides (K from `target.counts`) and translate the source's
     slices: (source selection, target selection, deltas {module: [L_t, K, d_t]})."""
     (located_source,) = source.locate([example], target.arch.shape, target.counts)
     (located_target,) = target.locate([example])
+    if source_edit:
+        located_source = source_edit(located_source)
+    if target_edit:
+        located_target = target_edit(located_target)
     with torch.no_grad():
         deltas = hypernet(located_source.slices)
     return located_source, located_target, deltas
@@ -48,9 +54,13 @@ def load_hypernet(cfg: Config, state: dict, d_source: int, target: Target) -> Hy
 
 
 def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, source_edit: Callable[[Located], Located] | None = None,
+          target_edit: Callable[[Located], Located] | None = None, control: str = "") -> Path:
     """Write the merged target to `out` and return it. `out` must not exist or be empty, unless
-    `overwrite`, which replaces an earlier merge only once the new folder is complete."""
+    `overwrite`, which replaces an earlier merge only once the new folder is complete.
+    A study's control arms change the plan: `source_edit` replaces the source's selection
+    before translation, `target_edit` the target's neurons the deltas go to; `control` says
+    which in the report."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -69,7 +79,8 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
     dtype = cfg.merge.dtype or cfg.target.dtype
     target = Target(cfg, rate, dtype=dtype)
     hypernet = load_hypernet(cfg, state, source.arch.shape.hidden, target)
-    located_source, located_target, deltas = plan_edit(source, target, hypernet, example)
+    located_source, located_target, deltas = plan_edit(source, target, hypernet, example, source_edit,
+                                                       target_edit)
     del source  # free the source before the target is written
     merge_into(target.arch, located_target.index, deltas)
     counts = target.counts
@@ -78,7 +89,7 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
               "dtype": dtype,
               "step": state["step"], "rate": rate, "seed_example": {"data": cfg.merge.seed_data
               or cfg.data.extract, "index": cfg.merge.seed_example, "id": example.id},
-              "modules": {}}
+              "modules": {}, **({"control": control} if control else {})}
     for m, d in deltas.items():
         report["modules"][m] = {"neurons_per_layer": counts[m], "layers": [
             {"target_layer": i, "source_layer": int(located_source.layers[m][i]),

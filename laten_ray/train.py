@@ -96,6 +96,13 @@ def hypernet_backward(hypernet: HyperNet, slices: dict, batches: list, micro_ste
     return lm_loss, float(reg_total)
 
 
+def step_examples(cfg: Config, n_extract: int, n_align: int, step: int) -> list[tuple[str, int]]:
+    """What step `step` trains on, as (split, index): its extract example, then its align sample.
+    The equal-data baseline of a study (`sft-lora`) replays exactly this."""
+    picks = align_sample(n_align, cfg.train.align_per_step, cfg.seed, step)
+    return [("extract", step % n_extract)] + [("align", i) for i in picks]
+
+
 def group_of(i: int, n: int, size: int) -> range:
     """The aligned group of `size` consecutive items (of n) that item i is attributed with.
     Batching changes scores in the last float bits, which can swap near-tied neurons; fixed
@@ -210,14 +217,16 @@ class TargetTraining:
         return self.selections[i]
 
     def batch_examples(self, step: int) -> list[Example]:
-        picks = align_sample(len(self.align), self.cfg.train.align_per_step, self.cfg.seed, step)
-        return [self.extract[step % len(self.extract)]] + [self.align[i] for i in picks]
+        split = {"extract": self.extract, "align": self.align}
+        return [split[name][i] for name, i in step_examples(self.cfg, len(self.extract), len(self.align), step)]
 
     def step(self, step: int, source: Located) -> dict:
         """One optimizer step with the source's slices for `step`."""
         t0 = time.perf_counter()
         index = self.select(step).index
         metrics = self.trainer.step(step, source.slices, index, self.batch_examples(step))
+        metrics["examples"] = [f"{name}:{i}" for name, i in
+                               step_examples(self.cfg, len(self.extract), len(self.align), step)]
         metrics["target_attribution_s"] = self.target.take_seconds()
         metrics["step_s"] = time.perf_counter() - t0  # the target's selection included
         return metrics
@@ -287,8 +296,11 @@ def format_progress(m: dict) -> str:
             f"target-attr {m['target_attribution_s']:.2f}s  slices {m['slice_bytes'] / 1e6:.2f} MB")
 
 
-def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
-    """Train in this process, resuming from the run folder's last checkpoint; returns the run folder."""
+def train(cfg: Config, on_step: Callable[[dict], None] | None = None,
+          source_edit: Callable[[int, Located], Located] | None = None) -> Path:
+    """Train in this process, resuming from the run folder's last checkpoint; returns the run folder.
+    `source_edit(step, located)` replaces the source's selection of a step (a study's control
+    arms: noise in place of the source's slices)."""
     run_dir = prepare_run_dir(cfg)
     source = Source(cfg)
     side = TargetTraining(cfg, source.arch.shape.hidden, run_dir)
@@ -302,6 +314,8 @@ def train(cfg: Config, on_step: Callable[[dict], None] | None = None) -> Path:
             for step, slices in zip(steps, located):
                 if step < start:
                     continue  # done before a resume; its group is recomputed whole (see group_of)
+                if source_edit:
+                    slices = source_edit(step, slices)
                 metrics = side.step(step, slices)
                 metrics["source_attribution_s"] = source.take_seconds()
                 side.save_checkpoint(step + 1, background=True)  # written while the next step runs

@@ -43,3 +43,15 @@ def test_paired_bootstrap_matches_scipy_and_is_narrower_than_unpaired():
     assert hi - lo < unpaired.high - unpaired.low  # pairing removes the items' shared difficulty
     assert paired_bootstrap(a, a) == (0.0, 0.0)
     assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)  # seeded: reproducible
+
+
+def test_permutation_p_is_exact_on_small_samples_and_used_for_fractions():
+    from laten_ray.eval.stats import permutation_p
+    # three items, each b - a = 1: of the 2^3 sign flips, 2 reach |mean| >= 1
+    assert permutation_p([0, 0, 0], [1, 1, 1]) == pytest.approx(2 / 8)
+    # differences 1, 1, -1, 0.5: flips with |mean| >= 1.5 / 4 are 10 of 16
+    assert permutation_p([0, 0, 1, 0], [1, 1, 0, 0.5]) == pytest.approx(10 / 16)
+    assert permutation_p([0.5, 1], [0.5, 1]) == 1.0
+    r = compare([0.5, 0.0, 0.0], [1.0, 1.0, 1.0])
+    assert r.p_mcnemar is None and r.p == pytest.approx(2 / 8)
+    assert compare([0, 1], [1, 1]).p == 1.0  # 0/1 scores: McNemar (one discordant item)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, permutation_test
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class Paired:
     only_a: int                 # items a got right and b wrong (0/1 scores)
     only_b: int                 # items b got right and a wrong
     p_mcnemar: float | None     # exact McNemar p-value, two-sided (0/1 scores only)
+    p_permutation: float | None = None  # paired permutation p-value (scores not all 0/1)
+
+    @property
+    def p(self) -> float:
+        return self.p_mcnemar if self.p_mcnemar is not None else self.p_permutation
 
 
 def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -40,6 +45,18 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5, alternative="two-sided").pvalue)
 
 
+def permutation_p(a, b, resamples: int = 10_000, seed: int = 0) -> float:
+    """Two-sided paired permutation test of mean(b - a): under no difference each item's two
+    scores are exchangeable, so their sign is flipped at random (exact when 2^N <= resamples).
+    For scores that are not all 0/1 (several samples or seeds per item)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if np.array_equal(a, b):
+        return 1.0
+    result = permutation_test((a, b), lambda x, y, axis: np.mean(y - x, axis=axis), permutation_type="samples",
+                              vectorized=True, n_resamples=resamples, rng=np.random.default_rng(seed))
+    return float(result.pvalue)
+
+
 def compare(a, b, resamples: int = 10_000, seed: int = 0) -> Paired:
     """b against a on the same items."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -49,7 +66,8 @@ def compare(a, b, resamples: int = 10_000, seed: int = 0) -> Paired:
     only_a = int(((a == 1) & (b == 0)).sum()) if binary else 0
     only_b = int(((a == 0) & (b == 1)).sum()) if binary else 0
     return Paired(int(a.size), float(b.mean() - a.mean()), paired_bootstrap(a, b, resamples, seed),
-                  only_a, only_b, mcnemar_exact(only_a, only_b) if binary else None)
+                  only_a, only_b, mcnemar_exact(only_a, only_b) if binary else None,
+                  None if binary else permutation_p(a, b, resamples, seed))
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -1,0 +1,259 @@
+"""The arms of a study (docs/method.md §10): each turns (study, seed) into an HF model folder
+that is evaluated like every other arm. The registry is open: `register(arm)` adds one.
+
+- `target`, `source`: the models as they are (one model for every seed).
+- `laten`: train + merge.
+- `laten-random-neurons` (control): `laten`'s trained hypernetwork and deltas, added at random
+  target neurons (same layers, same K, none of the located ones) instead of the attributed ones.
+- `laten-noise-source` (control): LaTen trained and merged with every source slice replaced by
+  a random vector of the same norm: what LaTen gains without the source's knowledge.
+- `sft-lora`: LoRA fine-tuning of the target on exactly LaTen's examples, in LaTen's order, with
+  as many optimizer steps: the equal-data baseline.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..locate import Located
+
+ARMS: dict[str, "Arm"] = {}
+MODEL = "model"  # the arm's HF folder, inside its study folder
+
+
+def register(arm: "Arm") -> "Arm":
+    ARMS[arm.name] = arm
+    return arm
+
+
+class Arm:
+    """An arm; `study` is a StudyConfig (study/config.py, which checks arm names against ARMS)."""
+    name = ""
+    seeded = True        # one model per seed; False: one model for every seed
+    trains = False       # has a loss curve (metrics.jsonl) for the report
+    needs: tuple[str, ...] = ()  # arms of the same seed whose folders this one reads
+    in_driver = False    # builds in no time (no model work): the driver does it, not a Ray task
+
+    def key(self, study, seed: int | None) -> dict:
+        """Everything that determines this arm's model (hashed into its folder's name)."""
+        raise NotImplementedError
+
+    def build(self, study, seed: int | None, folder: Path, needs: dict[str, Path]) -> dict:
+        """Make the model in `folder` (resuming what a killed build left there); return
+        {"model": its folder relative to `folder`, or a spec with "as_is": True,
+         "metrics": a metrics.jsonl relative to `folder`, or None}."""
+        raise NotImplementedError
+
+
+# --- fingerprints: what the keys hold for models and data -----------------------------------
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache  # a study asks for each many times
+def model_fingerprint(spec: str) -> dict:
+    """A model by its spec, its config.json's hash and its weight files' names and sizes (a
+    folder's weights are not read whole: a 13B model would take minutes)."""
+    from ..models import resolve
+    folder = resolve(spec)
+    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
+                     if p.suffix in (".safetensors", ".bin", ".pt"))
+    return {"spec": spec, "config": file_digest(folder / "config.json"), "weights": weights}
+
+
+@functools.cache
+def data_fingerprint(spec: str) -> dict:
+    """A data spec and the sha256 of its records as read (any kind of spec), with their count."""
+    from ..records import read_records
+    h, n = hashlib.sha256(), 0
+    for _, record in read_records(spec):
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        n += 1
+    return {"spec": spec, "sha256": h.hexdigest(), "records": n}
+
+
+def run_key(study, seed: int) -> dict:
+    """What a LaTen run computes from: its config without folders, Ray placement or the score
+    cache, and the fingerprints of the pair and data."""
+    cfg = study.run_config(seed).to_dict()
+    for k in ("name", "output_dir", "ray"):
+        cfg.pop(k)
+    cfg["attribution"].pop("cache", None)
+    return {"run": cfg, "source": model_fingerprint(study.source.model), "target": model_fingerprint(study.target.model),
+            "align": data_fingerprint(study.task.align), "extract": data_fingerprint(study.task.extract)}
+
+
+def save_model(model, tokenizer, out: Path, extra: dict | None = None) -> None:
+    """An HF folder written whole under a temporary name, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, value in (extra or {}).items():
+            ckpt.save_json(value, tmp / name)
+        ckpt.follow_umask(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- the arms --------------------------------------------------------------------------------
+
+class AsIs(Arm):
+    seeded = False
+    in_driver = True
+
+    def __init__(self, name: str, role: str):
+        self.name, self.role = name, role
+
+    def key(self, study, seed):
+        return {"model": model_fingerprint(getattr(study, self.role).model)}
+
+    def build(self, study, seed, folder, needs):
+        return {"model": getattr(study, self.role).model, "as_is": True, "metrics": None}
+
+
+class Laten(Arm):
+    name = "laten"
+    trains = True
+
+    def key(self, study, seed):
+        return run_key(study, seed)
+
+    def build(self, study, seed, folder, needs):
+        from ..merge import merge
+        from ..train import train
+        cfg = study.run_config(seed, folder / "run")
+        t0 = time.perf_counter()
+        train(cfg, source_edit=self.train_edit(seed))
+        t1 = time.perf_counter()
+        merge(cfg, None, None, folder / MODEL, overwrite=True, **self.merge_edits(study, seed))
+        return {"model": MODEL, "metrics": "run/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+
+    def train_edit(self, seed: int):
+        return None
+
+    def merge_edits(self, study, seed: int) -> dict:
+        return {}
+
+
+def noise_like(located: Located, seed: int, salt: int) -> Located:
+    """The selection with every slice row replaced by a random direction of the same norm. The
+    directions come from (seed, salt, module) alone, never from the source's weights. [L_t, K, d_s]"""
+    slices = {}
+    for m_i, (module, s) in enumerate(sorted(located.slices.items())):
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + salt) * 16 + m_i) % (1 << 63))
+        noise = torch.randn(s.shape, generator=g, dtype=torch.float32)  # [L_t, K, d_s]
+        norms = s.float().norm(dim=-1, keepdim=True).cpu()               # [L_t, K, 1]
+        slices[module] = (noise / noise.norm(dim=-1, keepdim=True) * norms).to(s.dtype).to(s.device)
+    return replace(located, slices=slices)
+
+
+class LatenNoiseSource(Laten):
+    name = "laten-noise-source"
+
+    def key(self, study, seed):
+        return {**run_key(study, seed), "control": "noise-source"}
+
+    def train_edit(self, seed):
+        return lambda step, located: noise_like(located, seed, step + 1)
+
+    def merge_edits(self, study, seed):
+        return {"source_edit": lambda located: noise_like(located, seed, 0), "control": "noise-source"}
+
+
+def random_neurons(located: Located, sizes: dict[str, int], seed: int) -> Located:
+    """For every module and layer, K target neurons drawn at random among those not located
+    (seeded by seed, module, layer), in place of the located ones. [L_t, K]"""
+    index = {}
+    for m_i, (module, idx) in enumerate(sorted(located.index.items())):
+        n, (layers, k) = sizes[module], idx.shape
+        if n - k < k:
+            raise ValueError(f"laten-random-neurons: K={k} {module} neurons of {n} leaves fewer than K "
+                             "unlocated ones to draw from; use transfer.rate <= 0.5")
+        rows = []
+        for layer in range(layers):
+            g = torch.Generator().manual_seed((seed * 1_000_003 + m_i) * 4096 + layer)
+            free = torch.ones(n, dtype=torch.bool)
+            free[idx[layer].cpu()] = False
+            candidates = free.nonzero().squeeze(1)                                # [n - K]
+            rows.append(candidates[torch.randperm(candidates.numel(), generator=g)[:k]])
+        index[module] = torch.stack(rows).to(idx.device)                           # [L_t, K]
+    return replace(located, index=index)
+
+
+class LatenRandomNeurons(Arm):
+    name = "laten-random-neurons"
+    needs = ("laten",)
+
+    def key(self, study, seed):
+        return {**run_key(study, seed), "control": "random-neurons"}
+
+    def build(self, study, seed, folder, needs):
+        from ..arch import shape_of
+        from ..merge import merge
+        from ..models import read_model_config
+        shape = shape_of(read_model_config(study.target.model))
+        cfg = study.run_config(seed, needs["laten"] / "run")  # laten's trained hypernetwork
+        sizes = {m: shape.neurons(m) for m in cfg.transfer.modules}
+        t0 = time.perf_counter()
+        merge(cfg, None, None, folder / MODEL, overwrite=True, control="random-neurons",
+              target_edit=lambda located: random_neurons(located, sizes, seed))
+        return {"model": MODEL, "metrics": None, "merge_s": time.perf_counter() - t0}
+
+
+class SftLora(Arm):
+    name = "sft-lora"
+    trains = True
+
+    def key(self, study, seed):
+        run = run_key(study, seed)
+        keep = ("seed", "data", "train")  # the examples, their order and the optimizer's settings
+        return {"run": {k: run["run"][k] for k in keep}, "target": run["target"], "align": run["align"],
+                "extract": run["extract"], "sft": asdict(study.sft)}
+
+    def build(self, study, seed, folder, needs):
+        from ..data import read_examples
+        from ..lora import Optim, finetune
+        from ..models import load_model, load_tokenizer, pick_device
+        from ..train import n_steps, step_examples
+        cfg = study.run_config(seed, folder / "run")
+        split = {"extract": read_examples(cfg.data.extract), "align": read_examples(cfg.data.align)}
+        plan = [step_examples(cfg, len(split["extract"]), len(split["align"]), step)
+                for step in range(n_steps(cfg, len(split["extract"])))]
+        labels = [[f"{name}:{i}" for name, i in step] for step in plan]
+        (folder / "sft").mkdir(parents=True, exist_ok=True)
+        ckpt.save_json(labels, folder / "sft" / "examples.json")
+        t = cfg.train
+        optim = Optim(t.micro_batch_size, cfg.data.max_length, cfg.data.train_on_inputs, t.weight_decay,
+                      tuple(t.betas), t.warmup_ratio)
+        tokenizer = load_tokenizer(cfg.target.model)
+        model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+        t0 = time.perf_counter()
+        merged, _ = finetune(model, tokenizer, [[split[n][i] for n, i in step] for step in plan], study.sft,
+                             optim, seed, folder / "sft")
+        t1 = time.perf_counter()
+        save_model(merged, tokenizer, folder / MODEL, {"laten_sft.json": {"sft": asdict(study.sft), "steps": len(plan)}})
+        return {"model": MODEL, "metrics": "sft/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+
+
+for _arm in (AsIs("target", "target"), AsIs("source", "source"), Laten(), LatenRandomNeurons(),
+             LatenNoiseSource(), SftLora()):
+    register(_arm)

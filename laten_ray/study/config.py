@@ -1,0 +1,207 @@
+"""A study's configuration (docs/method.md §10): the pair, the task, the arms, the seeds and the
+engine, with the `key=value` overrides of `laten train`. Everything that can be checked without
+loading a model is checked here, and every error names the file and key."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import (Config, ConfigError, ModelConfig, _build, _set_override, _yaml, anchored,
+                      config_from_dict)
+from ..lora import LoraSettings
+
+DEFAULT_ARMS = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora"]
+ENGINES = ("auto", "hf", "vllm")
+DATA_KEYS = ("align", "extract", "eval")
+# The sections of a LaTen run config a study may set under `laten:`; the pair, the data, the
+# seed and the run folder come from the study itself.
+LATEN_SECTIONS = ("transfer", "attribution", "hypernet", "train", "merge", "data")
+LATEN_DATA_KEYS = ("max_length", "train_on_inputs")
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""               # the evaluation task: demo, gsm8k, mmlu, humaneval, mbpp
+    align: str = ""              # training data (a data spec): LaTen's align split, sft-lora's too
+    extract: str = ""            # the examples LaTen locates on, one per step
+    eval: str = ""               # the evaluation file (a data spec)
+    limit: int | None = None     # its first N items
+    evaluation: dict = field(default_factory=dict)  # `laten evaluate` settings: chat_format, shots,
+                                                     # mode, max_tokens, temperature, n, k, timeout_s, ...
+
+
+@dataclass
+class Resources:
+    """What each arm's Ray work asks for. On a GPU cluster: a GPU per model."""
+    num_cpus: float = 1.0        # an arm's training task; also its torch threads
+    num_gpus: float = 0.0        # e.g. 2 for LaTen (source and target on cuda:0 and cuda:1)
+    eval_num_cpus: float = 1.0   # the evaluator actor of an arm
+    eval_num_gpus: float = 0.0
+    parallel: int | None = None  # arms at once; default as many as the cluster's resources hold
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    output_dir: str = "studies"
+    source: ModelConfig = field(default_factory=ModelConfig)
+    target: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    seeds: object = 3            # a count (seeds 0..n-1) or a list of ints
+    engine: str = "auto"         # evaluation engine: auto (vLLM if installed), hf, vllm
+    laten: dict = field(default_factory=dict)  # LaTen's settings: transfer, attribution, hypernet,
+                                                # train, merge, data.max_length/train_on_inputs
+    sft: LoraSettings = field(default_factory=LoraSettings)
+    ray: Resources = field(default_factory=Resources)
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def run_config(self, seed: int, run_dir: Path | None = None) -> Config:
+        """The LaTen run config of one seed (checked), its folder `run_dir`."""
+        tree = {section: dict(self.laten.get(section) or {}) for section in LATEN_SECTIONS}
+        tree["data"].update(align=self.task.align, extract=self.task.extract)
+        run_dir = Path(run_dir) if run_dir else self.study_dir / "run"
+        tree.update(name=run_dir.name, output_dir=str(run_dir.parent), seed=seed,
+                    source=dataclasses.asdict(self.source), target=dataclasses.asdict(self.target))
+        return config_from_dict(tree)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read, override and check a study config (no model is loaded); ConfigError names the file
+    and key. Relative data files are anchored at the config file, or at the working directory
+    when an override names them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config {str(path)!r} not found")
+    try:
+        tree = _yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    _anchor_task(tree, path.resolve().parent, DATA_KEYS)
+    for item in overrides:
+        _set_override(tree, item)
+    named = {item.split("=", 1)[0].strip() for item in overrides}
+    _anchor_task(tree, Path.cwd(), [k for k in DATA_KEYS if f"task.{k}" in named])
+    try:
+        return study_from_dict(tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _anchor_task(tree: dict, base: Path, keys) -> None:
+    task = tree.get("task")
+    if isinstance(task, dict):
+        for key in keys:
+            if key in task:
+                task[key] = anchored(task[key], base)
+
+
+def study_from_dict(tree: dict) -> StudyConfig:
+    study = _build(StudyConfig, tree)
+    check_study(study)
+    return study
+
+
+def check_study(study: StudyConfig) -> None:
+    """The checks of values, data files and model configs; nothing is loaded."""
+    from ..checks import check_inputs
+    from ..eval.evaluate import SETTINGS, sampling_for
+    from ..eval.protocol import default_protocol
+    from ..eval.tasks import TASKS
+    from ..records import DataError, check_spec
+    from .arms import ARMS
+
+    if not study.name or "/" in study.name:
+        raise ConfigError(f"name: must be a non-empty folder name, got {study.name!r}")
+    if study.engine not in ENGINES:
+        raise ConfigError(f"engine: {study.engine!r} is not one of {', '.join(ENGINES)}")
+    _check_seeds(study.seeds)
+    if not study.arms:
+        raise ConfigError("arms: name at least one arm")
+    for i, arm in enumerate(study.arms):
+        if arm not in ARMS:
+            raise ConfigError(f"arms[{i}]: unknown arm {arm!r} (known: {', '.join(ARMS)})")
+        for need in ARMS[arm].needs:
+            if need not in study.arms:
+                raise ConfigError(f"arms: {arm} needs the {need} arm too (it reuses {need}'s training)")
+    if len(set(study.arms)) != len(study.arms):
+        raise ConfigError(f"arms: {study.arms} names an arm twice")
+    if "target" not in study.arms:
+        raise ConfigError("arms: the target arm is needed; every other arm is compared with it")
+    t = study.task
+    if t.name not in TASKS:
+        raise ConfigError(f"task.name: {t.name!r} is not one of {', '.join(TASKS)}")
+    for key in ("align", "extract", "eval"):
+        spec = getattr(t, key)
+        if not spec:
+            raise ConfigError(f"task.{key}: missing (a data spec: data/..., FILE.jsonl, DIR, hf:..., demo:SPLIT)")
+        try:
+            check_spec(spec)
+        except DataError as e:
+            raise ConfigError(f"task.{key}: {e}") from None
+    if t.limit is not None and t.limit < 1:
+        raise ConfigError(f"task.limit: must be at least 1, got {t.limit}")
+    unknown = sorted(set(t.evaluation) - (SETTINGS - {"engine"}))
+    if unknown:
+        raise ConfigError(f"task.evaluation: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(SETTINGS - {'engine'}))}); the engine is the top-level `engine`")
+    try:
+        protocol = default_protocol(t.name, t.evaluation)
+        sampling_for(t.name, t.evaluation, protocol.format)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"task.evaluation: {e}") from None
+    hints = typing.get_type_hints(Config)
+    for section, value in study.laten.items():
+        if section not in LATEN_SECTIONS:
+            raise ConfigError(f"laten.{section}: not a LaTen section (have: {', '.join(LATEN_SECTIONS)}); "
+                              "the pair, data and seeds are the study's own keys")
+        _build(hints[section], value, f"laten.{section}")  # types and unknown keys, named
+    extra = sorted(set(study.laten.get("data") or {}) - set(LATEN_DATA_KEYS))
+    if extra:
+        raise ConfigError(f"laten.data.{extra[0]}: set the training data as task.align / task.extract")
+    try:
+        cfg = study.run_config(study.seed_list[0])
+    except ConfigError as e:  # a value check of the run config: its key is the study's laten.<key>
+        raise ConfigError(f"laten.{e}" if str(e).split(".")[0] in LATEN_SECTIONS else str(e)) from None
+    try:
+        check_inputs(cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.align", "task.align").replace("data.extract", "task.extract")
+                          .replace("transfer.", "laten.transfer.").replace("merge.", "laten.merge.")) from None
+    s, r = study.sft, study.ray
+    if s.rank < 1 or s.alpha <= 0 or s.lr <= 0 or not 0 <= s.dropout < 1 or not s.modules:
+        raise ConfigError(f"sft: rank >= 1, alpha > 0, lr > 0, 0 <= dropout < 1 and modules needed, got {s}")
+    if min(r.num_cpus, r.num_gpus, r.eval_num_cpus, r.eval_num_gpus) < 0 or (r.parallel is not None and r.parallel < 1):
+        raise ConfigError(f"ray: resources must not be negative and parallel must be at least 1, got {r}")
+
+
+def _check_seeds(seeds) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, list)):
+        raise ConfigError(f"seeds: expected a count or a list of ints, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"seeds: the count must be at least 1, got {seeds}")
+        return
+    if not seeds:
+        raise ConfigError("seeds: the list is empty")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"seeds[{i}]: expected a non-negative int, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {seeds} repeats a seed")

@@ -1,0 +1,286 @@
+"""`laten study`: its config checks, each control's defining property, LoRA's exact resume, and
+the demo study end to end on a local Ray cluster (report files, a rerun that does nothing, and a
+killed study that resumes to the same results)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.cli import main as cli
+from laten_ray.locate import Located
+from laten_ray.study.arms import ARMS, noise_like, random_neurons
+from laten_ray.study.config import study_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "study-demo.yaml")
+
+
+def tiny_study(root: Path, **extra) -> "StudyConfig":  # noqa: F821
+    """A study of the random tiny Llama pair on the demo task, small enough for a unit test."""
+    return study_from_dict({
+        "name": "t", "output_dir": str(root),
+        "source": {"model": "tiny:llama-source", "device": "cpu"},
+        "target": {"model": "tiny:llama-target", "device": "cpu"},
+        "task": {"name": "demo", "align": "demo:align", "extract": "demo:extract", "eval": "demo:test"},
+        "laten": {"data": {"max_length": 128}, "transfer": {"rate": 0.25}, "hypernet": {"init_std": 0.02},
+                  "train": {"steps": 3, "align_per_step": 5, "micro_batch_size": 3, "lr": 1e-3}},
+        "sft": {"rank": 4, "lr": 1e-3}, **extra})
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("arms=[target,laten,foo]", "arms[2]: unknown arm 'foo'"),
+    ("seeds=[0,x]", "seeds[1]: expected a non-negative int, got 'x'"),
+    ("seeds=true", "seeds: expected a count or a list of ints"),
+    ("task.eval=missing.jsonl", "task.eval: data file"),
+    ("arms=[target,laten-random-neurons]", "laten-random-neurons needs the laten arm"),
+    ("arms=[laten]", "the target arm is needed"),
+    ("laten.train.lr=-1", "laten.train.lr: must not be negative"),
+    ("laten.train.speed=1", "unknown key 'laten.train.speed'"),
+    ("task.evaluation={shots: 1}", "task.evaluation: shots: demo takes 0 to 0 shots"),
+    ("engine=fast", "engine: 'fast' is not one of auto, hf, vllm"),
+])
+def test_a_bad_study_config_fails_before_any_model_loads_naming_the_key(tmp_path, monkeypatch, capsys,
+                                                                       override, message):
+    import laten_ray.models as models
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli(["study", "--config", DEMO, f"output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("laten: error: ") and message in err and "study-demo.yaml" in err, err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_seeds_are_a_count_or_a_list(tmp_path):
+    assert tiny_study(tmp_path).seed_list == [0, 1, 2]
+    assert tiny_study(tmp_path, seeds=[4, 7]).seed_list == [4, 7]
+
+
+# --- the controls -------------------------------------------------------------------------------
+
+def test_noise_source_keeps_row_norms_and_ignores_the_source_weights():
+    g = torch.Generator().manual_seed(0)
+    slices = {m: torch.randn(3, 5, 16, generator=g) for m in ("up", "v")}       # [L_t, K, d_s]
+    a = Located({m: torch.arange(3) for m in slices}, {m: torch.zeros(3, 5, dtype=torch.long) for m in slices}, slices)
+    # other source vectors with the same norms: a random rotation of every row
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    b = Located(a.layers, a.index, {m: s @ rotation for m, s in slices.items()})
+    na, nb = noise_like(a, seed=1, salt=3), noise_like(b, seed=1, salt=3)
+    for m, s in slices.items():
+        assert torch.allclose(na.slices[m].norm(dim=-1), s.norm(dim=-1), atol=1e-5)
+        assert torch.allclose(na.slices[m], nb.slices[m], atol=1e-5)              # only the norms matter
+        cos = torch.nn.functional.cosine_similarity(na.slices[m], s, dim=-1)
+        assert cos.abs().max() < 0.9                                               # not the source's vectors
+    assert not torch.allclose(noise_like(a, seed=2, salt=3).slices["up"], na.slices["up"])  # seeded
+    assert not torch.allclose(noise_like(a, seed=1, salt=4).slices["up"], na.slices["up"])  # per step
+
+
+def test_random_neurons_keep_k_and_avoid_the_located_ones():
+    index = {"up": torch.tensor([[0, 1, 2], [5, 6, 7]]), "o": torch.tensor([[3, 2, 1], [0, 9, 8]])}
+    located = Located({m: torch.arange(2) for m in index}, index)
+    out = random_neurons(located, {"up": 10, "o": 12}, seed=0)
+    for m, idx in index.items():
+        assert out.index[m].shape == idx.shape
+        for layer in range(2):
+            picked = set(out.index[m][layer].tolist())
+            assert len(picked) == 3 and not picked & set(idx[layer].tolist())
+    assert torch.equal(random_neurons(located, {"up": 10, "o": 12}, seed=0).index["up"], out.index["up"])
+    with pytest.raises(ValueError, match="transfer.rate <= 0.5"):
+        random_neurons(located, {"up": 5, "o": 12}, seed=0)
+
+
+@pytest.mark.slow  # trains and merges three tiny arms
+def test_the_controls_and_sft_lora_on_real_builds(tmp_path):
+    study = tiny_study(tmp_path)
+    folders = {arm: tmp_path / arm for arm in ("laten", "laten-random-neurons", "sft-lora")}
+    for arm, folder in folders.items():
+        ARMS[arm].build(study, 1, folder, {"laten": folders["laten"]})
+
+    laten = json.loads((folders["laten"] / "model" / "laten_merge.json").read_text())
+    rand = json.loads((folders["laten-random-neurons"] / "model" / "laten_merge.json").read_text())
+    assert rand["control"] == "random-neurons" and rand["step"] == laten["step"]
+    for m, info in laten["modules"].items():
+        for ours, theirs in zip(info["layers"], rand["modules"][m]["layers"]):
+            assert len(theirs["target_index"]) == len(ours["target_index"])          # same K
+            assert not set(theirs["target_index"]) & set(ours["target_index"])       # elsewhere
+            assert theirs["delta_norm"] == pytest.approx(ours["delta_norm"])         # the same deltas
+            assert theirs["source_index"] == ours["source_index"]
+
+    # sft-lora trained on exactly LaTen's examples, in LaTen's order, one optimizer step per step
+    laten_steps = [json.loads(line)["examples"] for line in (folders["laten"] / "run" / "metrics.jsonl").open()]
+    assert json.loads((folders["sft-lora"] / "sft" / "examples.json").read_text()) == laten_steps
+    assert len((folders["sft-lora"] / "sft" / "metrics.jsonl").read_text().splitlines()) == len(laten_steps) == 3
+
+    from transformers import AutoModelForCausalLM
+    from laten_ray.models import resolve
+    tuned = AutoModelForCausalLM.from_pretrained(folders["sft-lora"] / "model")  # plain transformers
+    base = AutoModelForCausalLM.from_pretrained(resolve("tiny:llama-target"))
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert tuned.state_dict()[w].shape == base.state_dict()[w].shape
+    assert not torch.equal(tuned.state_dict()[w], base.state_dict()[w])            # LoRA merged in
+
+
+def test_lora_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    from laten_ray.data import read_examples
+    from laten_ray.lora import LoraSettings, Optim, finetune
+    from laten_ray.models import load_model, load_tokenizer
+
+    examples = read_examples("demo:align")
+    steps = [examples[i:i + 3] for i in range(0, 12, 3)]  # 4 steps of 3
+    tokenizer = load_tokenizer("tiny:llama-target")
+    settings, optim = LoraSettings(rank=4, lr=1e-3), Optim(micro_batch_size=2, max_length=96)
+
+    def weights(folder, crash_after=None):
+        def on_step(m):
+            if m["step"] == crash_after:
+                raise KeyboardInterrupt  # a crash right after the step's state is on disk
+        model = load_model("tiny:llama-target")
+        try:
+            merged, history = finetune(model, tokenizer, steps, settings, optim, 0, folder, on_step)
+        except KeyboardInterrupt:
+            return None
+        return merged.state_dict(), history
+
+    whole, history = weights(tmp_path / "a")
+    assert weights(tmp_path / "b", crash_after=2) is None
+    resumed, resumed_history = weights(tmp_path / "b")
+    assert [m["lm_loss"] for m in resumed_history] == [m["lm_loss"] for m in history]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+# --- end to end on Ray --------------------------------------------------------------------------
+
+def _study(out: Path, *overrides, kill_after: int | None = None, kill_a_worker: list | None = None) -> list[str]:
+    """`python -m jobs.study` on the demo config (one seed). With kill_after, SIGKILL the driver
+    and every process it started once that many arms have been evaluated; with kill_a_worker,
+    first SIGKILL a Ray worker in the middle of a build (its pid is appended to the list)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "jobs.study", "--config", DEMO, "--address", "local",  # a cluster of its own
+           f"output_dir={out}", "seeds=1", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if kill_a_worker is not None:
+        threading.Thread(target=_kill_a_build, args=(kill_a_worker,), daemon=True).start()
+    lines, finished = [], 0
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        finished += " accuracy " in line and "% CI" in line
+        if kill_after is not None and finished >= kill_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=600)
+    if kill_after is None:
+        assert proc.returncode == 0, "\n".join(lines[-40:])
+    return lines
+
+
+def _kill_a_build(killed: list, timeout_s: float = 120) -> None:
+    """SIGKILL the first Ray worker seen running a build (Ray titles it `ray::build_unit`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not killed:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if title.startswith(b"ray::build_unit"):
+                time.sleep(1.0)  # into the build's work
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.2)
+
+
+def _without_times(results: dict) -> dict:
+    out = {k: v for k, v in results.items() if k != "timing"}
+    out["config"] = {k: v for k, v in results["config"].items() if k != "output_dir"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("studies")
+    return out / "demo", _study(out)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_demo_study_end_to_end(demo_study):
+    import matplotlib.image
+
+    folder, lines = demo_study
+    results = json.loads((folder / "results.json").read_text())
+    assert [a["arm"] for a in results["arms"]] == ARMS_IN_DEMO
+    assert results["items"] == 200 and not results["missing"]
+    plan = json.loads((folder / "plan.json").read_text())
+    for unit in plan["units"]:
+        assert (folder / unit["folder"] / "built.json").is_file()
+        examples = (folder / unit["eval"] / "examples.jsonl").read_text().splitlines()
+        assert len(examples) == 200
+        if unit["arm"] not in ("target", "source"):
+            assert (folder / unit["folder"] / "model" / "config.json").is_file()
+    for name in ("report.md", "disagreements.md"):
+        assert (folder / name).stat().st_size > 0
+    for name in ("scores.png", "training.png"):
+        image = matplotlib.image.imread(folder / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    report = (folder / "report.md").read_text()
+    for arm in ARMS_IN_DEMO:
+        assert f"| {arm} |" in report
+    # the pair is worth studying: the source solves the held-out split, the target does not
+    score = {a["arm"]: a["score"] for a in results["arms"]}
+    assert score["source"] >= 0.8 and score["target"] <= 0.2
+    for a in results["arms"][1:]:
+        lo, hi = a["vs_target"]["ci95"]
+        assert lo <= a["vs_target"]["difference"] <= hi and 0 <= a["vs_target"]["p_holm"] <= 1
+
+    # the report is rebuilt from the kept results alone, to the same bytes
+    before = {n: (folder / n).read_bytes() for n in ("results.json", "report.md", "disagreements.md")}
+    assert cli(["report", str(folder)]) == 0
+    assert {n: (folder / n).read_bytes() for n in before} == before
+
+    # a rerun does nothing but report
+    again = _study(folder.parent)
+    assert sum("done earlier, skipped" in line for line in again) == len(plan["units"])
+    assert not any(": building" in line or ": evaluating" in line for line in again)
+    assert (folder / "results.json").read_bytes() == before["results.json"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_study_resumes_to_the_same_results(demo_study, tmp_path):
+    """A worker killed in a build (Ray runs the build again, which resumes from its folder),
+    then the driver and its local cluster killed after three arms: the rerun ends with the
+    results of the uninterrupted study."""
+    folder, _ = demo_study
+    killed: list[int] = []
+    lines = _study(tmp_path, kill_after=3, kill_a_worker=killed)
+    assert killed, "no build worker was seen to kill"
+    assert not (tmp_path / "demo" / "results.json").exists(), "\n".join(lines)
+    resumed = _study(tmp_path)
+    assert sum("done earlier, skipped" in line for line in resumed) >= 3
+    ours = json.loads((tmp_path / "demo" / "results.json").read_text())
+    theirs = json.loads((folder / "results.json").read_text())
+    assert _without_times(ours) == _without_times(theirs)
+
+
+ARMS_IN_DEMO = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora"]
+
+
+@pytest.mark.parametrize("task", ["gsm", "mmlu", "humaneval", "mbpp"])
+def test_the_paper_scale_study_configs_load(task):
+    from laten_ray.study.config import load_study
+    study = load_study(REPO / "configs" / f"study-{task}.yaml",
+                       ["source.model=tiny:llama-source", "target.model=tiny:llama-target"])
+    assert study.arms == ARMS_IN_DEMO and study.seed_list == [0, 1, 2]
+    assert study.run_config(0).data.align.endswith(f"{task}_align_split.jsonl")
