@@ -8,6 +8,9 @@ class EvaluatorActor:
 
     def __init__(self, model: str, settings: dict, num_cpus: float):
         import torch
+
+        from laten_ray.entry import set_process_defaults
+        set_process_defaults()  # no library progress bars in the actor's log
         torch.set_num_threads(max(1, int(num_cpus)))
         self.model, self.settings = model, settings
         self.engine = None  # built by the first evaluation, sized for its prompts

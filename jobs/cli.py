@@ -84,6 +84,23 @@ def _study(args) -> None:
     run_study(study, args.address, log=lambda line: print(line, flush=True))
 
 
+def _arm(args) -> None:
+    from laten_ray.study.arms import ARMS
+    from laten_ray.study.config import load_study
+
+    name, overrides = args.words[0], args.words[1:]
+    if name not in ARMS:
+        raise ValueError(f"arm: unknown arm {name!r} (known: {', '.join(ARMS)})")
+    study = load_study(args.config, overrides)
+    arm, out = ARMS[name], Path(args.out)
+    needs = dict(item.split("=", 1) for item in args.needs)
+    missing = [n for n in arm.needs if n not in needs]
+    if missing:
+        raise ValueError(f"arm {name} reads the folder of the {missing[0]} arm: give --needs {missing[0]}=DIR")
+    info = arm.build(study, args.seed if arm.seeded else None, out, {k: Path(v) for k, v in needs.items()})
+    print(f"{name}: {info['model'] if info.get('as_is') else out / info['model']}")
+
+
 def _report(args) -> None:
     from laten_ray.study.report import write_report
 
@@ -148,6 +165,16 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
     y.set_defaults(handler=_study)
 
+    a = sub.add_parser("arm", help="build one arm of a study alone (its HF folder in OUT/model)")
+    a.add_argument("words", nargs="+", metavar="NAME [key=value ...]", help="the arm (target, source, laten, "
+                   "laten-random-neurons, laten-noise-source, sft-lora, seeking, distill), then overrides")
+    a.add_argument("--config", required=True, help="a study config: the pair, the task's data and the arm's settings")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="the arm's folder")
+    a.add_argument("--needs", nargs="*", default=[], help="ARM=DIR: the folder of an arm this one reads "
+                   "(laten-random-neurons: laten=DIR)")
+    a.set_defaults(handler=_arm)
+
     r = sub.add_parser("report", help="rebuild a study's report from its kept results")
     r.add_argument("study_dir", help="the study folder (STUDY.output_dir/STUDY.name)")
     r.set_defaults(handler=_report)
@@ -164,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # its own parser, in jobs/serve.py
         from jobs.serve import main as serve_main
         return serve_main(argv[1:], prog="laten serve")
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "arm":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `laten arm NAME --config ... key=value`: the overrides after the options
+        args.words += extra
     return entry.run(lambda: args.handler(args))
 
 

@@ -46,15 +46,20 @@ class Optim:
 
 
 def finetune(model, tokenizer, steps: list[list[Example]], lora: LoraSettings, optim: Optim, seed: int,
-             folder: Path, on_step: Callable[[dict], None] | None = None):
+             folder: Path, on_step: Callable[[dict], None] | None = None,
+             init: Callable[[object], None] | None = None):
     """Train a LoRA adapter on `steps` (resuming from `folder`'s state), merge it into `model`
-    and return (the merged model, the per-step history)."""
+    and return (the merged model, the per-step history). `init(peft_model)` sets the adapter's
+    start (a baseline's extracted weights) before training; a resumed run calls it again, so it
+    must be deterministic, then loads the adapter's trained state over it."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     torch.manual_seed(seed)  # LoRA's A init
     modules = lora.modules[0] if lora.modules == ["all-linear"] else lora.modules
     peft_model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                   target_modules=modules, bias="none", task_type="CAUSAL_LM"))
+    if init:
+        init(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lora.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(len(steps), optim.warmup_ratio))

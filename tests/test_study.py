@@ -3,6 +3,7 @@ the demo study end to end on a local Ray cluster (report files, a rerun that doe
 killed study that resumes to the same results)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -100,9 +101,9 @@ def test_random_neurons_keep_k_and_avoid_the_located_ones():
 
 
 @pytest.mark.slow  # trains and merges three tiny arms
-def test_the_controls_and_sft_lora_on_real_builds(tmp_path):
-    study = tiny_study(tmp_path)
-    folders = {arm: tmp_path / arm for arm in ("laten", "laten-random-neurons", "sft-lora")}
+def test_the_controls_and_the_lora_arms_on_real_builds(tmp_path):
+    study = tiny_study(tmp_path, seeking={"seed_examples": 4, "rank": 4})
+    folders = {arm: tmp_path / arm for arm in ("laten", "laten-random-neurons", "sft-lora", "seeking")}
     for arm, folder in folders.items():
         ARMS[arm].build(study, 1, folder, {"laten": folders["laten"]})
 
@@ -128,6 +129,13 @@ def test_the_controls_and_sft_lora_on_real_builds(tmp_path):
     w = "model.layers.0.mlp.up_proj.weight"
     assert tuned.state_dict()[w].shape == base.state_dict()[w].shape
     assert not torch.equal(tuned.state_dict()[w], base.state_dict()[w])            # LoRA merged in
+
+    # seeking: its plan names a source layer for each target layer, and it trained on sft-lora's steps
+    plan = json.loads((folders["seeking"] / "seeking" / "plan.json").read_text())
+    assert len(plan["chosen"]) == base.config.num_hidden_layers and plan["chosen"] == sorted(plan["chosen"])
+    assert json.loads((folders["seeking"] / "sft" / "examples.json").read_text()) == laten_steps
+    seeking = AutoModelForCausalLM.from_pretrained(folders["seeking"] / "model")
+    assert not torch.equal(seeking.state_dict()[w], base.state_dict()[w])
 
 
 def test_lora_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -274,7 +282,8 @@ def test_a_killed_study_resumes_to_the_same_results(demo_study, tmp_path):
     assert _without_times(ours) == _without_times(theirs)
 
 
-ARMS_IN_DEMO = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora"]
+ARMS_IN_DEMO = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora", "seeking",
+                "distill"]
 
 
 @pytest.mark.parametrize("task", ["gsm", "mmlu", "humaneval", "mbpp"])
@@ -284,3 +293,33 @@ def test_the_paper_scale_study_configs_load(task):
                        ["source.model=tiny:llama-source", "target.model=tiny:llama-target"])
     assert study.arms == ARMS_IN_DEMO and study.seed_list == [0, 1, 2]
     assert study.run_config(0).data.align.endswith(f"{task}_align_split.jsonl")
+
+
+def test_distill_trains_on_the_source_greedy_answers_to_latens_examples(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from laten_ray.data import chat_prompt
+    from laten_ray.models import load_model, load_tokenizer
+    from laten_ray.study.arms import laten_steps
+    study = tiny_study(tmp_path, source={"model": "tiny:demo-source", "device": "cpu"},
+                       target={"model": "tiny:demo-target", "device": "cpu"}, engine="hf",
+                       distill={"max_tokens": 40})
+    folder = tmp_path / "distill"
+    ARMS["distill"].build(study, 0, folder, {})
+    _, steps, labels = laten_steps(study, 0)
+    answers = [json.loads(line) for line in (folder / "distill" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["example"] for a in answers) == sorted({lab for step in labels for lab in step})
+    assert json.loads((folder / "sft" / "examples.json").read_text()) == labels
+
+    # each answer is the source's own greedy continuation of the training prompt
+    tokenizer, source = load_tokenizer("tiny:demo-source"), load_model("tiny:demo-source")
+    first = answers[0]
+    ids = tokenizer(first["prompt"], return_tensors="pt")["input_ids"]
+    out = source.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert first["answer"] == text.split("<|user|>")[0].strip()
+    by_label = dict(zip(itertools.chain(*labels), itertools.chain(*steps)))
+    assert first["prompt"] == chat_prompt(by_label[first["example"]].messages)
+    # the demo source knows the table: its answers are the references on most examples
+    assert sum(a["answer"] == a["reference"] for a in answers) >= 0.8 * len(answers)
+    AutoModelForCausalLM.from_pretrained(folder / "model")  # plain transformers

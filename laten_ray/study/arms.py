@@ -9,11 +9,15 @@ that is evaluated like every other arm. The registry is open: `register(arm)` ad
   a random vector of the same norm: what LaTen gains without the source's knowledge.
 - `sft-lora`: LoRA fine-tuning of the target on exactly LaTen's examples, in LaTen's order, with
   as many optimizer steps: the equal-data baseline.
+- `seeking`: Zhong et al.'s post-align transfer: the source's most sensitive sub-matrices as the
+  target's LoRA start, then LoRA post-alignment (by default on sft-lora's examples and steps).
+- `distill`: the target LoRA-fine-tuned on the source's own answers to LaTen's examples.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -219,6 +223,39 @@ class LatenRandomNeurons(Arm):
         return {"model": MODEL, "metrics": None, "merge_s": time.perf_counter() - t0}
 
 
+def laten_steps(study, seed: int):
+    """The examples of each of LaTen's steps for this seed (train.step_examples), as examples and
+    as labels ("extract:3", "align:17"), and the run config they come from."""
+    from ..data import read_examples
+    from ..train import n_steps, step_examples
+    cfg = study.run_config(seed)
+    split = {"extract": read_examples(cfg.data.extract), "align": read_examples(cfg.data.align)}
+    plan = [step_examples(cfg, len(split["extract"]), len(split["align"]), step)
+            for step in range(n_steps(cfg, len(split["extract"])))]
+    return cfg, [[split[n][i] for n, i in step] for step in plan], [[f"{n}:{i}" for n, i in step] for step in plan]
+
+
+def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, lora, note: dict,
+               model=None, init=None) -> dict:
+    """LoRA-fine-tune the target (or `model`) on `steps`, one optimizer step each, and write the
+    merged folder; what every LoRA arm shares. The labels of each step go to sft/examples.json."""
+    from ..lora import Optim, finetune
+    from ..models import load_model, load_tokenizer, pick_device
+    (folder / "sft").mkdir(parents=True, exist_ok=True)
+    ckpt.save_json(labels, folder / "sft" / "examples.json")
+    t = cfg.train
+    optim = Optim(t.micro_batch_size, cfg.data.max_length, cfg.data.train_on_inputs, t.weight_decay,
+                  tuple(t.betas), t.warmup_ratio)
+    tokenizer = load_tokenizer(cfg.target.model)
+    if model is None:
+        model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+    t0 = time.perf_counter()
+    merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", init=init)
+    t1 = time.perf_counter()
+    save_model(merged, tokenizer, folder / MODEL, {"laten_sft.json": {**note, "lora": asdict(lora), "steps": len(steps)}})
+    return {"model": MODEL, "metrics": "sft/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+
+
 class SftLora(Arm):
     name = "sft-lora"
     trains = True
@@ -230,30 +267,106 @@ class SftLora(Arm):
                 "extract": run["extract"], "sft": asdict(study.sft)}
 
     def build(self, study, seed, folder, needs):
+        cfg, steps, labels = laten_steps(study, seed)
+        return lora_build(study, cfg, seed, folder, steps, labels, study.sft, {"arm": self.name})
+
+
+class Distill(SftLora):
+    """Sequence-level distillation: the source answers the prompts of LaTen's examples (greedy,
+    through the evaluation engine), and the target is LoRA-fine-tuned on those answers with
+    sft-lora's steps and settings."""
+    name = "distill"
+
+    def key(self, study, seed):
+        return {**super().key(study, seed), "source": model_fingerprint(study.source.model),
+                "distill": asdict(study.distill), "engine": study.engine}
+
+    def build(self, study, seed, folder, needs):
+        cfg, steps, labels = laten_steps(study, seed)
+        unique = dict(zip(itertools.chain(*labels), itertools.chain(*steps)))  # label -> example
+        answers = source_answers(study, unique, folder / "distill" / "answers.jsonl")
+        steps = [[replace_answer(e, answers[lab]) for e, lab in zip(step, step_labels)]
+                 for step, step_labels in zip(steps, labels)]
+        return lora_build(study, cfg, seed, folder, steps, labels, study.sft, {"arm": self.name})
+
+
+class Seeking(SftLora):
+    """Zhong et al.'s post-align transfer ("Seeking Neural Nuggets", laten_ray/seeking.py): the
+    source's most sensitive layers and sub-matrices, low-rank, as the target's LoRA start (the
+    start equals the target), then LoRA post-alignment with sft-lora's settings at
+    `seeking.rank`, on LaTen's examples and steps (equal data) or on `seeking.data`."""
+    name = "seeking"
+
+    def key(self, study, seed):
+        return {**super().key(study, seed), "source": model_fingerprint(study.source.model),
+                "seeking": asdict(study.seeking),
+                **({} if study.seeking.data == "laten" else {"data": data_fingerprint(study.seeking.data)})}
+
+    def build(self, study, seed, folder, needs):
         from ..data import read_examples
-        from ..lora import Optim, finetune
         from ..models import load_model, load_tokenizer, pick_device
-        from ..train import n_steps, step_examples
-        cfg = study.run_config(seed, folder / "run")
-        split = {"extract": read_examples(cfg.data.extract), "align": read_examples(cfg.data.align)}
-        plan = [step_examples(cfg, len(split["extract"]), len(split["align"]), step)
-                for step in range(n_steps(cfg, len(split["extract"])))]
-        labels = [[f"{name}:{i}" for name, i in step] for step in plan]
-        (folder / "sft").mkdir(parents=True, exist_ok=True)
-        ckpt.save_json(labels, folder / "sft" / "examples.json")
-        t = cfg.train
-        optim = Optim(t.micro_batch_size, cfg.data.max_length, cfg.data.train_on_inputs, t.weight_decay,
-                      tuple(t.betas), t.warmup_ratio)
-        tokenizer = load_tokenizer(cfg.target.model)
-        model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
-        t0 = time.perf_counter()
-        merged, _ = finetune(model, tokenizer, [[split[n][i] for n, i in step] for step in plan], study.sft,
-                             optim, seed, folder / "sft")
-        t1 = time.perf_counter()
-        save_model(merged, tokenizer, folder / MODEL, {"laten_sft.json": {"sft": asdict(study.sft), "steps": len(plan)}})
-        return {"model": MODEL, "metrics": "sft/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+        from ..seeking import extract, init_lora
+        k = study.seeking
+        cfg, steps, labels = laten_steps(study, seed)
+        if k.data != "laten":
+            steps, labels = epochs_of(read_examples(k.data), k.epochs, len(steps[0]), seed)
+        saved = folder / "seeking" / "plan.pt"
+        target = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+        if saved.is_file():
+            plan = torch.load(saved, weights_only=False)
+        else:  # the sensitivity pass runs once; a resumed build reads its plan
+            source = load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
+            plan = extract(source, load_tokenizer(cfg.source.model), target,
+                           read_examples(cfg.data.align, limit=k.seed_examples), rank=k.rank,
+                           max_length=cfg.data.max_length, gradient_checkpointing=k.gradient_checkpointing)
+            del source
+            ckpt.save_json(plan.to_json(), folder / "seeking" / "plan.json")
+            ckpt.save_torch(plan, saved)
+        return lora_build(study, cfg, seed, folder, steps, labels, replace(study.sft, rank=k.rank),
+                          {"arm": self.name, "seeking": asdict(k)}, model=target,
+                          init=lambda peft_model: init_lora(peft_model, plan))
+
+
+def epochs_of(examples: list, epochs: int, per_step: int, seed: int) -> tuple[list, list]:
+    """`epochs` passes over `examples`, each in an order drawn from (seed, epoch), cut into
+    steps of `per_step` (the last step of a pass may be shorter)."""
+    steps, labels = [], []
+    for epoch in range(epochs):
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        for i in range(0, len(order), per_step):
+            steps.append([examples[j] for j in order[i:i + per_step]])
+            labels.append([f"data:{j}" for j in order[i:i + per_step]])
+    return steps, labels
+
+
+def replace_answer(example, answer: str):
+    return replace(example, messages=(*example.messages[:-1], {"role": "assistant", "content": answer}))
+
+
+def source_answers(study, examples: dict, path: Path) -> dict[str, str]:
+    """label -> the source's greedy answer to the example's prompt, generated once and kept in
+    `path` (with the prompt and the reference answer, for the analysis)."""
+    if path.is_file():
+        kept = {r["example"]: r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        if set(kept) == set(examples):
+            return kept
+    from ..data import chat_prompt
+    from ..eval.engines import Sampling, engine_from_settings
+    from ..eval.protocol import TURN_STOPS
+    from ..models import load_tokenizer
+    prompts = {label: chat_prompt(e.messages) for label, e in examples.items()}
+    tokenizer = load_tokenizer(study.source.model)
+    ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in prompts.values()]  # as training encodes
+    settings = {"engine": study.engine, "dtype": study.source.dtype, "device": study.source.device}
+    eng = engine_from_settings(study.source.model, settings, max(map(len, ids)) + study.distill.max_tokens)
+    generated = eng.generate_ids(ids, Sampling(max_tokens=study.distill.max_tokens, stop=list(TURN_STOPS)))
+    getattr(eng, "close", lambda: None)()
+    answers = {label: gens[0].strip() for label, gens in zip(prompts, generated)}
+    ckpt.save_text("".join(json.dumps({"example": label, "prompt": prompts[label], "answer": answers[label],
+                                       "reference": examples[label].answer}) + "\n" for label in prompts), path)
+    return answers
 
 
 for _arm in (AsIs("target", "target"), AsIs("source", "source"), Laten(), LatenRandomNeurons(),
-             LatenNoiseSource(), SftLora()):
+             LatenNoiseSource(), SftLora(), Seeking(), Distill()):
     register(_arm)

@@ -14,7 +14,8 @@ from ..config import (Config, ConfigError, ModelConfig, _build, _set_override, _
                       config_from_dict)
 from ..lora import LoraSettings
 
-DEFAULT_ARMS = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora"]
+DEFAULT_ARMS = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora", "seeking",
+                "distill"]
 ENGINES = ("auto", "hf", "vllm")
 DATA_KEYS = ("align", "extract", "eval")
 # The sections of a LaTen run config a study may set under `laten:`; the pair, the data, the
@@ -32,6 +33,23 @@ class TaskConfig:
     limit: int | None = None     # its first N items
     evaluation: dict = field(default_factory=dict)  # `laten evaluate` settings: chat_format, shots,
                                                      # mode, max_tokens, temperature, n, k, timeout_s, ...
+
+
+@dataclass
+class DistillSettings:
+    max_tokens: int = 512        # the source's answers to the training prompts: greedy, this long at most
+
+
+@dataclass
+class SeekingSettings:
+    """Zhong et al.'s post-align transfer (docs/method.md §10); LoRA settings other than the rank
+    are `sft`'s."""
+    seed_examples: int = 32      # the first N of task.align give the source's sensitivity
+    rank: int = 16               # SVD rank of the extracted sub-matrices = the LoRA rank
+    data: str = "laten"          # post-alignment data: `laten` (LaTen's examples and steps, as
+                                 # sft-lora: equal data), or a data spec trained on for `epochs`
+    epochs: int = 3
+    gradient_checkpointing: bool = False  # the sensitivity pass with less memory
 
 
 @dataclass
@@ -57,6 +75,8 @@ class StudyConfig:
     laten: dict = field(default_factory=dict)  # LaTen's settings: transfer, attribution, hypernet,
                                                 # train, merge, data.max_length/train_on_inputs
     sft: LoraSettings = field(default_factory=LoraSettings)
+    seeking: SeekingSettings = field(default_factory=SeekingSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     ray: Resources = field(default_factory=Resources)
 
     @property
@@ -184,6 +204,16 @@ def check_study(study: StudyConfig) -> None:
     except ConfigError as e:
         raise ConfigError(str(e).replace("data.align", "task.align").replace("data.extract", "task.extract")
                           .replace("transfer.", "laten.transfer.").replace("merge.", "laten.merge.")) from None
+    k = study.seeking
+    if k.seed_examples < 1 or k.rank < 1 or k.epochs < 1:
+        raise ConfigError(f"seeking: seed_examples, rank and epochs must be at least 1, got {k}")
+    if k.data != "laten":
+        try:
+            check_spec(k.data)
+        except DataError as e:
+            raise ConfigError(f"seeking.data: {e} (or `laten`: LaTen's examples)") from None
+    if study.distill.max_tokens < 1:
+        raise ConfigError(f"distill.max_tokens: must be at least 1, got {study.distill.max_tokens}")
     s, r = study.sft, study.ray
     if s.rank < 1 or s.alpha <= 0 or s.lr <= 0 or not 0 <= s.dropout < 1 or not s.modules:
         raise ConfigError(f"sft: rank >= 1, alpha > 0, lr > 0, 0 <= dropout < 1 and modules needed, got {s}")

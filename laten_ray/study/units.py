@@ -97,7 +97,10 @@ def build_unit(study_tree: dict, arm: str, seed: int | None, folder: str, needs:
                threads: int) -> dict:
     """Build one unit (in a Ray task, or in this process) and record it in built.json."""
     import torch
+
+    from ..entry import set_process_defaults
     from .config import study_from_dict
+    set_process_defaults()  # no library progress bars in a worker's log
     torch.set_num_threads(max(1, threads))
     study = study_from_dict(study_tree)
     folder = Path(folder)
