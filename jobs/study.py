@@ -132,7 +132,9 @@ def run_study(study, address: str | None = None, log=print) -> Path:
                     flights[ref] = (u, "build", None)
                     say(u, "building")
             gauges.show(states)
-            if not flights:
+            if not flights:  # every unit left waits on one that can never finish: a bug, not a hang
+                if any(s == "queued" for s in states.values()):
+                    raise RuntimeError(f"study scheduling is stuck with {states}")
                 continue
             [ref], _ = ray.wait(list(flights), num_returns=1)
             u, phase, actor = flights.pop(ref)

@@ -216,24 +216,32 @@ def _anchor(tree: dict, base: Path, keys) -> None:
             node[key] = anchored(node[key], base)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read, override, type-check and check the values of a config; raises ConfigError naming
-    the file and key. Relative data files are anchored at the config file, or at the working
-    directory when an override names them."""
+def read_tree(path: str | Path, overrides: list[str], data_keys, what: str = "config file") -> dict:
+    """A YAML config as plain data with `key=value` overrides applied. The (section, key) data
+    file specs in `data_keys` are anchored at the config file, or at the working directory
+    when an override names them."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
+        raise ConfigError(f"{what} {str(path)!r} not found")
     try:
         tree = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    _anchor(tree, path.resolve().parent, DATA_KEYS)
+    _anchor(tree, path.resolve().parent, data_keys)
     for item in overrides:
         _set_override(tree, item)
     overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides}
-    _anchor(tree, Path.cwd(), [k for k in DATA_KEYS if k in overridden])
+    _anchor(tree, Path.cwd(), [k for k in data_keys if k in overridden])
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override, type-check and check the values of a config; raises ConfigError naming
+    the file and key. Relative data files are anchored at the config file, or at the working
+    directory when an override names them."""
+    tree = read_tree(path, overrides, DATA_KEYS)
     try:
         cfg = _build(Config, tree)
         validate(cfg)

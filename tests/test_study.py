@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import FAMILIES
 from jobs.cli import main as cli
 from laten_ray.locate import Located
 from laten_ray.study.arms import ARMS, noise_like, random_neurons
@@ -100,9 +101,12 @@ def test_random_neurons_keep_k_and_avoid_the_located_ones():
         random_neurons(located, {"up": 5, "o": 12}, seed=0)
 
 
-@pytest.mark.slow  # trains and merges three tiny arms
-def test_the_controls_and_the_lora_arms_on_real_builds(tmp_path):
-    study = tiny_study(tmp_path, seeking={"seed_examples": 4, "rank": 4})
+@pytest.mark.slow  # trains and merges four tiny arms
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_controls_and_the_lora_arms_on_real_builds(tmp_path, family):
+    study = tiny_study(tmp_path, seeking={"seed_examples": 4, "rank": 4},
+                       source={"model": f"tiny:{family}-source", "device": "cpu"},
+                       target={"model": f"tiny:{family}-target", "device": "cpu"})
     folders = {arm: tmp_path / arm for arm in ("laten", "laten-random-neurons", "sft-lora", "seeking")}
     for arm, folder in folders.items():
         ARMS[arm].build(study, 1, folder, {"laten": folders["laten"]})
@@ -125,7 +129,7 @@ def test_the_controls_and_the_lora_arms_on_real_builds(tmp_path):
     from transformers import AutoModelForCausalLM
     from laten_ray.models import resolve
     tuned = AutoModelForCausalLM.from_pretrained(folders["sft-lora"] / "model")  # plain transformers
-    base = AutoModelForCausalLM.from_pretrained(resolve("tiny:llama-target"))
+    base = AutoModelForCausalLM.from_pretrained(resolve(f"tiny:{family}-target"))
     w = "model.layers.0.mlp.up_proj.weight"
     assert tuned.state_dict()[w].shape == base.state_dict()[w].shape
     assert not torch.equal(tuned.state_dict()[w], base.state_dict()[w])            # LoRA merged in

@@ -8,10 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..config import (Config, ConfigError, ModelConfig, _build, _set_override, _yaml, anchored,
-                      config_from_dict)
+from ..config import Config, ConfigError, ModelConfig, _build, config_from_dict, read_tree
 from ..lora import LoraSettings
 
 DEFAULT_ARMS = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora", "seeking",
@@ -104,32 +101,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read, override and check a study config (no model is loaded); ConfigError names the file
     and key. Relative data files are anchored at the config file, or at the working directory
     when an override names them."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config {str(path)!r} not found")
-    try:
-        tree = _yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    _anchor_task(tree, path.resolve().parent, DATA_KEYS)
-    for item in overrides:
-        _set_override(tree, item)
-    named = {item.split("=", 1)[0].strip() for item in overrides}
-    _anchor_task(tree, Path.cwd(), [k for k in DATA_KEYS if f"task.{k}" in named])
+    tree = read_tree(path, overrides, [("task", k) for k in DATA_KEYS], "study config")
     try:
         return study_from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def _anchor_task(tree: dict, base: Path, keys) -> None:
-    task = tree.get("task")
-    if isinstance(task, dict):
-        for key in keys:
-            if key in task:
-                task[key] = anchored(task[key], base)
 
 
 def study_from_dict(tree: dict) -> StudyConfig:
