@@ -52,6 +52,7 @@ def slots(study) -> int:
 def run_study(study, address: str | None = None, log=print) -> Path:
     """Build and evaluate every unit not done yet, then write the report; returns the study folder."""
     import ray
+    import yaml
 
     from actors.evaluator import EvaluatorActor
     from jobs.train import absolute_output_dir
@@ -63,7 +64,6 @@ def run_study(study, address: str | None = None, log=print) -> Path:
     study.output_dir = str(absolute_output_dir(study.output_dir))
     study_dir = study.study_dir
     study_dir.mkdir(parents=True, exist_ok=True)
-    import yaml
     ckpt.save_text(yaml.safe_dump(study.to_dict(), sort_keys=False), study_dir / "study.yaml")
     units = plan(study)
     write_plan(study, units)
