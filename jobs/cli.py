@@ -1,4 +1,5 @@
-"""The `laten` command: attribute, train, merge, evaluate, score, study, report and serve (`laten serve` is jobs/serve.py)."""
+"""The `laten` command: attribute, train, merge, evaluate, score, study, report, arm, analyze and serve
+(`laten serve` is jobs/serve.py, `laten analyze` jobs/analyze.py)."""
 from __future__ import annotations
 
 import argparse
@@ -183,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP API on Ray Serve "
                        "(laten serve --help lists its options)")
     v.add_argument("options", nargs=argparse.REMAINDER)
+
+    n = sub.add_parser("analyze", add_help=False, help="representation and parametric similarity of the pair, neuron "
+                       "overlap, for a pair or a study (laten analyze --help lists its options)")
+    n.add_argument("options", nargs=argparse.REMAINDER)
     return p
 
 
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # its own parser, in jobs/serve.py
         from jobs.serve import main as serve_main
         return serve_main(argv[1:], prog="laten serve")
+    if argv[:1] == ["analyze"]:  # its own parser, in jobs/analyze.py
+        from jobs.analyze import main as analyze_main
+        return analyze_main(argv[1:], prog="laten analyze")
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra and args.command != "arm":
