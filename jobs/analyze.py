@@ -85,7 +85,8 @@ def on_ray(inputs, settings, address: str | None, num_cpus: float, num_gpus: flo
     from jobs.study import PASSED_ON
     from laten_ray.analysis.report import analyze
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, namespace="laten-analyze", log_to_driver=True)
     env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ},
            "OMP_NUM_THREADS": str(max(1, int(num_cpus)))}
@@ -99,6 +100,8 @@ def on_ray(inputs, settings, address: str | None, num_cpus: float, num_gpus: flo
     finally:
         for actor in actors.values():
             ray.kill(actor)
+        if started:  # a caller in this process (a test) must not find a cluster left behind
+            ray.shutdown()
 
 
 def run(args, log=print) -> Path:

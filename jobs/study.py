@@ -69,7 +69,8 @@ def run_study(study, address: str | None = None, log=print) -> Path:
     write_plan(study, units)
     log(f"study folder: {study_dir} ({len(units)} units: {', '.join(u.label for u in units)})")
     entry.set_process_defaults()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, namespace=f"laten-study-{study.name}", log_to_driver=True)
     env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ},
            "LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
@@ -161,6 +162,8 @@ def run_study(study, address: str | None = None, log=print) -> Path:
         for _, _, actor in flights.values():
             if actor is not None:
                 ray.kill(actor)
+        if started:  # a caller in this process must not find a cluster left behind
+            ray.shutdown()
     failed = [label for label, s in states.items() if s == "failed"]
     report = write_report(study_dir)
     log(report["table"])
