@@ -8,7 +8,6 @@ scores and cosines travel to this driver.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -82,15 +81,13 @@ def on_ray(inputs, settings, address: str | None, num_cpus: float, num_gpus: flo
     import ray
 
     from actors.analyzer import AnalyzerActor
-    from jobs.study import PASSED_ON
     from laten_ray.analysis.report import analyze
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, namespace="laten-analyze", log_to_driver=True)
-    env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ},
-           "OMP_NUM_THREADS": str(max(1, int(num_cpus)))}
-    remote = ray.remote(AnalyzerActor).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env})
+    remote = ray.remote(AnalyzerActor).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                               runtime_env={"env_vars": entry.worker_env(num_cpus)})
     actors = {role: remote.remote(getattr(inputs, role), inputs.dtype[role], inputs.device[role], num_cpus)
               for role in ("target", "source")}
     try:

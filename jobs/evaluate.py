@@ -6,7 +6,6 @@ The entry point of `ray job submit ... -- python -m jobs.evaluate ...`. The eval
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,10 +27,9 @@ def evaluate_on_ray(args) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, namespace="laten-evaluate", log_to_driver=True)
     gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU") else 0.0)
-    env = {k: os.environ[k] for k in ("LATEN_CACHE", "HF_HOME", *entry.ENV_DEFAULTS) if k in os.environ}
     actor = ray.remote(EvaluatorActor).options(
         name="laten-evaluator", num_cpus=args.num_cpus, num_gpus=gpus,
-        runtime_env={"env_vars": env}).remote(args.model, settings, args.num_cpus)
+        runtime_env={"env_vars": entry.worker_env(args.num_cpus)}).remote(args.model, settings, args.num_cpus)
     out = str(Path(args.out).expanduser().resolve())
     summary = ray.get(actor.evaluate.remote(args.task, data, out, args.limit))
     print_summary(summary, out)

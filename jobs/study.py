@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from laten_ray import entry
 
-PASSED_ON = ("LATEN_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 STATES = ("queued", "running", "done", "failed")
 
 
@@ -72,15 +70,14 @@ def run_study(study, address: str | None = None, log=print) -> Path:
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, namespace=f"laten-study-{study.name}", log_to_driver=True)
-    env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ},
-           "LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
+    cache = {"LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
     r = study.ray
     build = ray.remote(build_unit).options(
         num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=2,  # a killed worker's build resumes from disk
-        runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": str(max(1, int(r.num_cpus)))}})
+        runtime_env={"env_vars": entry.worker_env(r.num_cpus, **cache)})
     evaluator = ray.remote(EvaluatorActor).options(
         num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus, max_restarts=1, max_task_retries=1,
-        runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": str(max(1, int(r.eval_num_cpus)))}})
+        runtime_env={"env_vars": entry.worker_env(r.eval_num_cpus, **cache)})
     settings = {**study.task.evaluation, "engine": study.engine}
     tree = study.to_dict()
     gauges = Gauges(study.name)

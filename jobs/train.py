@@ -16,7 +16,6 @@ from pathlib import Path
 
 from laten_ray import entry
 
-PASSED_ON = ("LATEN_CACHE", "HF_HOME", "HF_HUB_OFFLINE")  # forwarded to the actors when set here
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 600  # a restarted actor reloads its model
 
@@ -67,12 +66,11 @@ class Pipeline:
             raise ConfigError(f"ray: the cluster has no room for the actors' bundles {bundles} "
                                f"(strategy {cfg.ray.placement_strategy}) after {PLACEMENT_TIMEOUT_S} s; "
                                f"it has {ray.cluster_resources()}; change ray.source / ray.target")
-        env = {**entry.ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
         cfg_dict = cfg.to_dict()
 
         def options(name: str, bundle: int, role: str) -> dict:
             return {"name": name, "max_task_retries": 0,
-                    "runtime_env": {"env_vars": {**env, "OMP_NUM_THREADS": str(max(1, int(res[role]["num_cpus"])))}},
+                    "runtime_env": {"env_vars": entry.worker_env(res[role]["num_cpus"])},
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, bundle),
                     **res[role]}
         # Direct transport must be enabled on the class itself, not through .options()

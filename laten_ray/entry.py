@@ -16,8 +16,19 @@ ENV_DEFAULTS = {
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",  # torch tensors through the object store unpickled
     "TOKENIZERS_PARALLELISM": "false",          # no tokenizer threads beside torch's, no fork warning
 }
+# Forwarded from this process to Ray workers when set here: where models, data and caches live.
+PASSED_ON = ("LATEN_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 # Mistakes a user can fix from the message alone (a config key, a file, a line, a value).
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def worker_env(num_cpus: float | None = None, **extra: str) -> dict[str, str]:
+    """The env_vars of a Ray worker's runtime_env: the defaults, what this process passes on,
+    `extra`, and with `num_cpus` as many OpenMP threads (at least 1)."""
+    env = {**ENV_DEFAULTS, **{k: os.environ[k] for k in PASSED_ON if k in os.environ}, **extra}
+    if num_cpus is not None:
+        env["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
+    return env
 
 
 def set_process_defaults() -> None:
