@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -50,6 +51,31 @@ def follow_umask(folder: Path) -> None:
     mask = _umask()
     for path in [Path(folder), *Path(folder).rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def save_model_folder(model, tokenizer, out: Path, files: dict | None = None) -> None:
+    """An HF model folder (weights, tokenizer and JSON `files` by name) written whole under a
+    temporary name, then swapped in for `out`; what was at `out` is removed only after."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, value in (files or {}).items():
+            save_json(value, tmp / name)
+        follow_umask(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_torch(obj, path: Path) -> None:

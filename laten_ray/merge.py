@@ -3,8 +3,6 @@ target's weights for real, writing an ordinary HF model folder. Needs the run's 
 the seed example only: no training data, no optimizer."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -98,23 +96,7 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
              "delta_norm": float(d[i].norm())}
             for i in range(d.shape[0])]}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        target.model.save_pretrained(tmp)
-        target.tokenizer.save_pretrained(tmp)
-        ckpt.save_json(report, tmp / REPORT)
-        ckpt.follow_umask(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)  # an earlier merge (checked above) or an empty folder
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # replaces an earlier merge (checked above) or an empty folder only once the new one is whole
+    ckpt.save_model_folder(target.model, target.tokenizer, out, {REPORT: report})
     return out
 

@@ -19,8 +19,6 @@ import functools
 import hashlib
 import itertools
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -99,23 +97,6 @@ def run_key(study, seed: int) -> dict:
     cfg["attribution"].pop("cache", None)
     return {"run": cfg, "source": model_fingerprint(study.source.model), "target": model_fingerprint(study.target.model),
             "align": data_fingerprint(study.task.align), "extract": data_fingerprint(study.task.extract)}
-
-
-def save_model(model, tokenizer, out: Path, extra: dict | None = None) -> None:
-    """An HF folder written whole under a temporary name, then renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, value in (extra or {}).items():
-            ckpt.save_json(value, tmp / name)
-        ckpt.follow_umask(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- the arms --------------------------------------------------------------------------------
@@ -252,7 +233,8 @@ def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, l
     t0 = time.perf_counter()
     merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", init=init)
     t1 = time.perf_counter()
-    save_model(merged, tokenizer, folder / MODEL, {"laten_sft.json": {**note, "lora": asdict(lora), "steps": len(steps)}})
+    ckpt.save_model_folder(merged, tokenizer, folder / MODEL,
+                           {"laten_sft.json": {**note, "lora": asdict(lora), "steps": len(steps)}})
     return {"model": MODEL, "metrics": "sft/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
 
 
