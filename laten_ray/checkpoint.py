@@ -78,6 +78,18 @@ def save_model_folder(model, tokenizer, out: Path, files: dict | None = None) ->
         raise
 
 
+def save_png(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG without a version stamp (a rebuilt report is byte-equal),
+    written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    save_bytes(buf.getvalue(), path)
+
+
 def save_torch(obj, path: Path) -> None:
     _atomic(Path(path), lambda f: torch.save(obj, f))
 

@@ -2,7 +2,6 @@
 number), analysis.md (tables, the figures embedded), cka.png, parametric.png, neurons.png."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -170,6 +169,9 @@ def analyze(inputs: Inputs, settings: Settings, shapes: tuple[Shape, Shape], cal
 
 # --- figures ------------------------------------------------------------------------------------
 
+DPI = 110
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -284,13 +286,6 @@ def neurons_figure(results: dict):
     return fig
 
 
-def save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    _plt().close(fig)
-    ckpt.save_bytes(buf.getvalue(), path)
-
-
 # --- markdown -----------------------------------------------------------------------------------
 
 def _f(x, digits: int = 3) -> str:
@@ -360,10 +355,10 @@ def write(results: dict, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_json(results, out / "analysis.json")
-    save_figure(cka_figure(results), out / "cka.png")
+    ckpt.save_png(cka_figure(results), out / "cka.png", DPI)
     if results["parametric"]:
-        save_figure(parametric_figure(results), out / "parametric.png")
-    save_figure(neurons_figure(results), out / "neurons.png")
+        ckpt.save_png(parametric_figure(results), out / "parametric.png", DPI)
+    ckpt.save_png(neurons_figure(results), out / "neurons.png", DPI)
     ckpt.save_text(markdown(results), out / "analysis.md")
     return out
 

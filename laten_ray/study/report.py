@@ -247,8 +247,7 @@ def plot_scores(results: dict, path: Path) -> None:
     ax.set_ylabel(f"{results['metric']} (%)")
     ax.set_title(f"{results['study']}: {results['task']}, {results['items']} items (dots: seeds)")
     fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
+    ckpt.save_png(fig, path, dpi=120)
 
 
 def plot_training(plan: dict, study_dir: Path, path: Path) -> None:
@@ -273,15 +272,7 @@ def plot_training(plan: dict, study_dir: Path, path: Path) -> None:
     ax.set_ylabel("LM loss on the step's answer tokens")
     ax.set_title("training: one line per arm and seed")
     fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})  # no version stamp: rebuilds are equal
-    ckpt.save_bytes(buf.getvalue(), path)
+    ckpt.save_png(fig, path, dpi=120)
 
 
 def write_report(study_dir: str | Path) -> dict:
