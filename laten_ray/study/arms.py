@@ -27,6 +27,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..locate import Located
+from ..records import read_records
 
 ARMS: dict[str, "Arm"] = {}
 MODEL = "model"  # the arm's HF folder, inside its study folder
@@ -80,7 +81,6 @@ def model_fingerprint(spec: str) -> dict:
 @functools.cache
 def data_fingerprint(spec: str) -> dict:
     """A data spec and the sha256 of its records as read (any kind of spec), with their count."""
-    from ..records import read_records
     h, n = hashlib.sha256(), 0
     for _, record in read_records(spec):
         h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
@@ -329,7 +329,7 @@ def source_answers(study, examples: dict, path: Path) -> dict[str, str]:
     """label -> the source's greedy answer to the example's prompt, generated once and kept in
     `path` (with the prompt and the reference answer, for the analysis)."""
     if path.is_file():
-        kept = {r["example"]: r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        kept = {r["example"]: r["answer"] for _, r in read_records(str(path))}
         if set(kept) == set(examples):
             return kept
     from ..data import chat_prompt

@@ -20,13 +20,14 @@ import yaml
 from .. import checkpoint as ckpt
 from ..eval.stats import compare, holm
 from ..eval.tasks import interval95
+from ..records import read_records
 from .units import BUILT, PLAN
 
 ALPHA = 0.05
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in read_records(str(path))]  # a bad line is an error naming it
 
 
 def load(study_dir: Path) -> dict:
