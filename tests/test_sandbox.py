@@ -11,10 +11,36 @@ from pathlib import Path
 
 import pytest
 
-from laten_ray.eval.sandbox import Limits, run_programs
+from laten_ray.eval import sandbox
+from laten_ray.eval.sandbox import Limits, run_program, run_programs
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = Limits(timeout_s=3, cpu_s=3, memory_mb=512, processes=16)
+CGROUP = sandbox._cgroup_parents()  # None: this machine bounds a whole program by polling only
+if CGROUP and not all(os.access(p, os.W_OK) for p in CGROUP[1]):
+    CGROUP = None
+# the syscall numbers the probes below call through ctypes
+NR = {"x86_64": {"add_key": 248, "keyctl": 250, "clone": 56, "io_uring_setup": 425},
+      "aarch64": {"add_key": 217, "keyctl": 219, "clone": 220, "io_uring_setup": 425}}.get(os.uname().machine)
+needs_table = pytest.mark.skipif(NR is None, reason="probes know x86_64 and aarch64 syscall numbers only")
+
+
+def in_fresh_python(code: str) -> str:
+    """A program that runs `code` in a new interpreter (no judge there: ctypes, threads) and
+    passes only if that ends well: how a hostile program gets past the judge's audit hook."""
+    return ("import subprocess, sys\n"
+            f"done = subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, text=True)\n"
+            "print(done.stdout, end='')\nprint(done.stderr, end='', file=sys.stderr)\n"
+            "assert done.returncode == 0\n")
+
+
+def syscall_probe(call: str) -> str:
+    """Code that makes a raw syscall through ctypes, prints `errno N` (0: it worked) and fails
+    when it was refused. A clone's child leaves at once."""
+    return ("import ctypes, os\nparent = os.getpid()\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"result = {call}\n"
+            "if result == 0 and os.getpid() != parent:\n    os._exit(0)\n"
+            "print('errno', ctypes.get_errno() if result == -1 else 0)\nassert result != -1\n")
 
 
 def test_hostile_programs_are_contained_while_the_others_pass(tmp_path, monkeypatch):
@@ -71,6 +97,9 @@ def test_hostile_programs_are_contained_while_the_others_pass(tmp_path, monkeypa
     assert status["wrong"] == "failed" and "AssertionError" in outcomes["wrong"].stderr
     assert status["infinite loop"] == "timeout"
     assert status["fork bomb"] in ("timeout", "failed")
+    if CGROUP:  # the cgroup's pids limit stopped it (it counts the sandbox's init too, so it comes first)
+        assert outcomes["fork bomb"].budget == CGROUP[0]
+        assert "budget of 16 processes" in outcomes["fork bomb"].detail, outcomes["fork bomb"]
     assert status["memory bomb"] == "failed" and "MemoryError" in outcomes["memory bomb"].stderr
     for name in ("fake setup failure", "growing memory bomb", "write outside", "delete outside", "network", "read environment", "kill parent"):
         assert status[name] != "passed", (name, outcomes[name])
@@ -82,6 +111,139 @@ def test_hostile_programs_are_contained_while_the_others_pass(tmp_path, monkeypa
     # nothing the fork bomb started is still alive
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "main.py" not in ps
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="puts a socket in a folder the sandbox shows, which needs root")
+def test_no_unix_socket_of_the_host_is_reachable():
+    """socket(AF_UNIX) is refused, so is a datagram socketpair; a stream pair cannot connect."""
+    shown = Path(os.path.dirname(sandbox.interpreter()), f".laten-probe-{os.getpid()}")  # bound read-only inside
+    assert any(str(shown).startswith(p.rstrip("/") + "/") for p in sandbox.visible_paths())
+    shown.mkdir(mode=0o755)
+    stream, datagram = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        stream.bind(str(shown / "s.sock"))
+        stream.listen(4)
+        datagram.bind(str(shown / "d.sock"))
+        for name in ("s.sock", "d.sock"):
+            (shown / name).chmod(0o777)  # anyone may connect: only the sandbox stands in the way
+        attack = ("import errno, socket\nout = []\n"
+                  "def attempt(make, path):\n    try:\n        make().connect(path)\n        out.append('connected')\n"
+                  "    except OSError as e:\n        out.append(errno.errorcode.get(e.errno, e.errno))\n"
+                  f"attempt(lambda: socket.socket(socket.AF_UNIX), {str(shown / 's.sock')!r})\n"
+                  f"attempt(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0], {str(shown / 'd.sock')!r})\n"
+                  f"attempt(lambda: socket.socketpair()[0], {str(shown / 's.sock')!r})\n"
+                  "print(out)\nassert 'connected' in out\n")
+        pair = "import socket\na, b = socket.socketpair()\na.sendall(b'x')\nassert b.recv(1) == b'x'\n"
+        hostile, good = run_programs([attack, pair], LIMITS, workers=2)
+        stream.setblocking(False)
+        datagram.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            stream.accept()
+        with pytest.raises(BlockingIOError):
+            datagram.recv(16)
+    finally:
+        stream.close()
+        datagram.close()
+        shutil.rmtree(shown)
+    assert hostile.status == "failed" and "['EPERM', 'EPERM', 'EISCONN']" in hostile.stdout, hostile
+    assert good.passed, good
+
+
+@needs_table
+def test_keys_do_not_pass_between_programs():
+    """The kernel keyrings are refused: no key to leave behind, none to find."""
+    add = syscall_probe(f"libc.syscall({NR['add_key']}, b'user', b'laten-probe', b'secret', 6, ctypes.c_long(-4))")
+    find = syscall_probe(f"libc.syscall({NR['keyctl']}, 10, ctypes.c_long(-4), b'user', b'laten-probe', 0)")
+    first = run_program(in_fresh_python(add), LIMITS, slot=0)
+    second = run_program(in_fresh_python(find), LIMITS, slot=0)  # the same uid as the first
+    good = run_program("assert 2 ** 10 == 1024\n", LIMITS, slot=0)
+    for outcome in (first, second):
+        assert outcome.status == "failed" and "errno 1\n" in outcome.stdout, outcome  # EPERM
+    assert good.passed, good
+
+
+@needs_table
+def test_refused_syscalls():
+    probes = {
+        "vsock": "import errno, socket\ntry:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
+                 "except OSError as e:\n    print('errno', e.errno)\n    raise\n",
+        "unshare a user namespace": in_fresh_python(syscall_probe("libc.unshare(0x10000000)")),
+        "clone into a user namespace": in_fresh_python(syscall_probe(f"libc.syscall({NR['clone']}, 0x10000000 | 17, 0, 0, 0, 0)")),
+        "ptrace": in_fresh_python(syscall_probe("libc.ptrace(0, 0, 0, 0)")),  # PTRACE_TRACEME
+        "io_uring": in_fresh_python(syscall_probe(f"libc.syscall({NR['io_uring_setup']}, 4, ctypes.create_string_buffer(120))")),
+        "memfd": "import os\ntry:\n    os.memfd_create('hidden')\nexcept OSError as e:\n    print('errno', e.errno)\n    raise\n",
+        "good": "assert sorted({3, 1, 2}) == [1, 2, 3]\n",
+    }
+    outcomes = dict(zip(probes, run_programs(list(probes.values()), LIMITS, workers=2)))
+    for name, outcome in outcomes.items():
+        if name == "good":
+            assert outcome.passed, outcome
+        else:
+            assert outcome.status == "failed" and "errno 1\n" in outcome.stdout, (name, outcome)
+
+
+def test_ordinary_programs_still_pass():
+    """What the filter and the budget allow: threads, a fork Pool (pipes, socketpairs, /dev/shm
+    semaphores), a subprocess of the interpreter, files in its directory and /tmp."""
+    busy = ("import threading, multiprocessing, subprocess, sys, math\n"
+            "out = []\nthreads = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
+            "[t.start() for t in threads]\n[t.join() for t in threads]\nassert sorted(out) == [0, 1, 2, 3]\n"
+            "with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+            "    assert pool.map(math.factorial, range(6)) == [1, 1, 2, 6, 24, 120]\n"
+            "a, b = multiprocessing.Pipe()\na.send([1, 2])\nassert b.recv() == [1, 2]\n"
+            "assert subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout == '42\\n'\n")
+    files = ("import math, os\nopen('mine.txt', 'w').write('a' * 1000)\nopen('/tmp/t.txt', 'w').write('b')\n"
+             "assert os.path.getsize('mine.txt') == 1000 and open('/tmp/t.txt').read() == 'b'\n"
+             "assert math.isclose(sum(1 / 2 ** i for i in range(60)), 2.0)\n")
+    outcomes = run_programs([in_fresh_python(busy), files], LIMITS, workers=2)
+    assert all(o.passed for o in outcomes), outcomes
+
+
+def three_children(each_mb: int) -> str:
+    """Three processes that each hold `each_mb` of touched memory at once; passes if all did.
+    (Fresh interpreters: a fork of the judge, with its threads' arenas, sits near RLIMIT_AS.)"""
+    hold = f"import time\nblock = b'x' * ({each_mb} << 20)\ntime.sleep(1)\n"
+    return ("import subprocess, sys\n"
+            f"children = [subprocess.Popen([sys.executable, '-c', {hold!r}]) for _ in range(3)]\n"
+            "assert [c.wait() for c in children] == [0, 0, 0]\n")
+
+
+@pytest.mark.parametrize("mechanism", ["cgroup", "polling"])
+def test_memory_is_bounded_for_the_whole_program(mechanism, monkeypatch):
+    """Each of three processes fits RLIMIT_AS, their sum does not fit the budget."""
+    if mechanism == "cgroup" and CGROUP is None:
+        pytest.skip("no cgroup can be made here")
+    if mechanism == "polling":
+        monkeypatch.setenv("LATEN_SANDBOX_NO_CGROUP", "1")
+    limits = Limits(timeout_s=6, cpu_s=6, memory_mb=128, processes=16)
+    hog, good = (run_program(p, limits) for p in (three_children(int(0.6 * 128)), three_children(8)))
+    expected = CGROUP[0] if mechanism == "cgroup" else "polling"
+    assert hog.status == "failed" and hog.budget == expected, hog
+    assert hog.detail == f"memory budget of 128 MB exceeded ({expected})", hog
+    assert hog.seconds < limits.timeout_s
+    assert good.passed and good.budget == expected, good
+
+
+@pytest.mark.skipif(CGROUP is None, reason="no cgroup can be made here")
+def test_cgroups_are_removed_after_every_run():
+    mine = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
+    outcomes = run_programs(["print(1)", "while True:\n    pass\n", "import os\nos._exit(3)\n"],
+                            Limits(timeout_s=1, cpu_s=2), workers=2)
+    assert [o.status for o in outcomes] == ["passed", "timeout", "failed"]
+    for parent in CGROUP[1]:
+        assert [p for p in os.listdir(parent) if p.startswith(mine)] == []
+
+
+def test_the_filter_exists_only_where_its_syscall_table_does():
+    """Elsewhere the setup fails, so the host raises SandboxUnavailable instead of running bare."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sandbox_init", sandbox.INIT)
+    init = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(init)
+    for machine in ("x86_64", "aarch64"):
+        assert len(init.syscall_filter(machine)) % 8 == 0
+    with pytest.raises(OSError, match="no syscall table for ppc64le"):
+        init.syscall_filter("ppc64le")
 
 
 def test_output_is_truncated_and_file_size_is_limited():
@@ -113,14 +275,20 @@ def unprivileged_run(tmp_path: Path) -> None:
         f"progs = ['assert 1 + 1 == 2', {'import os; os.remove(' + repr(str(target / 'keep.txt')) + ')'!r},\n"
         "         'import socket; socket.create_connection((\"127.0.0.1\", 1), timeout=1)',\n"
         "         'import os, signal; os.killpg(0, signal.SIGKILL); raise SystemExit(3)', 'while True: pass']\n"
-        "print([o.status for o in run_programs(progs, Limits(timeout_s=2), workers=2)])\n")
+        "print([o.status for o in run_programs(progs, Limits(timeout_s=2), workers=2)])\n"
+        # no cgroup as an ordinary user here: the poll bounds the memory; the filter works in a user namespace
+        f"hog, nested = {three_children(int(0.6 * 128))!r}, {in_fresh_python(syscall_probe('libc.unshare(0x10000000)'))!r}\n"
+        "print([(o.detail, o.stdout) for o in run_programs([hog, nested], Limits(timeout_s=4, memory_mb=128), workers=2)])\n")
     script.chmod(0o644)
     tmp_path.chmod(0o755)
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            "/usr/bin/python3", str(script)], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['passed', 'failed', 'failed', 'failed', 'timeout']"
+    statuses, budget_and_filter = done.stdout.splitlines()
+    assert statuses == "['passed', 'failed', 'failed', 'failed', 'timeout']"
+    expected = "[('memory budget of 128 MB exceeded (polling)', ''), ('the solution or its tests did not run to their end', 'errno 1\\n')]"
+    assert budget_and_filter == expected, done.stdout
     assert (target / "keep.txt").read_text() == "keep"
 
 

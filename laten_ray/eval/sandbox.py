@@ -6,8 +6,28 @@ files (read-only), device nodes, an empty /tmp and a small tmpfs as its working 
 project files, no benchmarks, no /proc), its own PID namespace (everything it starts dies with
 it), a scrubbed environment, and limits on wall clock, CPU time, memory, processes, file size
 and open files. As root it also runs as an unprivileged uid of its own; otherwise inside a user
-namespace with no capabilities. Many run in parallel; a program that crashes, hangs or attacks
-only fails itself.
+namespace with no capabilities. A seccomp filter (sandbox_init.py lists what it refuses) keeps
+it from the kernel keyrings, AF_VSOCK and every socket family but AF_INET/AF_INET6, new
+namespaces, ptrace and other processes' memory, io_uring, bpf, perf, userfaultfd, mounts and
+the like, and from every Unix socket of the host: seccomp cannot read the path in a sockaddr,
+so socket(AF_UNIX) is refused outright, even for a path in the program's own directory, and
+only a connected AF_UNIX stream socketpair is allowed (multiprocessing's pipes; its Manager and
+forkserver need a listening socket and do not work). Where the filter cannot be installed
+(another architecture than x86_64 and aarch64) nothing runs: SandboxUnavailable. Many run in
+parallel; a program that crashes, hangs or attacks only fails itself.
+
+Memory and processes are bounded for the whole program, all its processes together, besides
+RLIMIT_AS and RLIMIT_NPROC per process: where this process can make a cgroup (root with the
+cgroup v1 memory and pids hierarchies, or a cgroup v2 subtree delegated with both controllers),
+each run gets its own, `laten-sandbox-*` under this process's cgroup, with memory (swap
+included) limited to Limits.memory_mb and tasks to Limits.processes (the sandbox's waiting init
+counts as one); the sandbox joins it before anything else runs, the kernel kills a process of it
+(v1) or all of it (v2) when the memory is used up, and it is removed after the run, whatever
+the end (what is left in it is killed first). Elsewhere, or with LATEN_SANDBOX_NO_CGROUP=1,
+the sandbox's waiting parent polls the anonymous memory of all its processes every 20 ms and
+kills the sandbox over the budget: a polling bound, which can overshoot by what is allocated
+between two polls. Outcome.budget says which one bounded a run;
+a program over the memory budget fails with "memory budget of N MB exceeded (...)".
 
 The verdict is the judge's (judge.py): the solution, then the tests, run to their end in
 fresh namespaces, reported on a pipe with a per-run secret. Exit status and output are never
@@ -36,18 +56,20 @@ INIT = Path(__file__).with_name("sandbox_init.py")
 JUDGE = Path(__file__).with_name("judge.py")
 SETUP_FAILED, TIMED_OUT = 125, 124
 FIRST_UID = 100_000  # sandbox slot i runs as uid FIRST_UID + i (as root)
+CGROUP_PREFIX = "laten-sandbox-"
+POLLING = "polling"
 
 
 class SandboxUnavailable(RuntimeError):
-    """This machine cannot isolate programs (no namespaces); nothing untrusted is run."""
+    """This machine cannot isolate programs (no namespaces, no seccomp filter); nothing untrusted is run."""
 
 
 @dataclass
 class Limits:
     timeout_s: float = 10.0   # wall clock
     cpu_s: int = 10
-    memory_mb: int = 1024     # address space
-    processes: int = 32       # processes and threads
+    memory_mb: int = 1024     # address space of each process, and memory of all together
+    processes: int = 32       # processes and threads (with a cgroup: the sandbox's waiting init too)
     file_mb: int = 16         # largest file written (stdout and stderr included)
     disk_mb: int = 64         # the working directory's tmpfs
     output_chars: int = 4000  # kept of stdout / stderr
@@ -67,7 +89,8 @@ class Outcome:
     stdout: str
     stderr: str
     seconds: float
-    detail: str = ""   # why it failed, as the judge saw it
+    detail: str = ""   # why it failed, as the judge (or the budget) saw it
+    budget: str = ""   # what bounded the whole program: "cgroup v1", "cgroup v2" or "polling"
 
     @property
     def passed(self) -> bool:
@@ -117,6 +140,110 @@ def visible_paths() -> tuple[str, ...]:
     return tuple(kept)
 
 
+@functools.cache
+def _cgroup_parents() -> tuple[str, tuple[str, ...]] | None:
+    """Where this process's cgroups are, to make one per run below them: ("cgroup v1", (memory
+    folder, pids folder)) or ("cgroup v2", (folder,)) where its subtree has both controllers."""
+    own, mounts = {}, {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for c in controllers.split(","):
+                    own[c] = path  # "" is the v2 hierarchy
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3].split(",")
+                for c in ("memory", "pids", ""):
+                    if (fstype == "cgroup" and c in options) or (fstype == "cgroup2" and c == ""):
+                        mounts[c] = (fields[3], fields[4])  # the mount's root in the hierarchy, its place
+    except (OSError, ValueError, IndexError):
+        return None
+
+    def folder(c: str) -> str:
+        root, point = mounts[c]
+        path = own[c]
+        if root != "/" and (path + "/").startswith(root + "/"):  # mounted from inside the hierarchy
+            path = path[len(root):]
+        return os.path.join(point, path.lstrip("/"))
+    if {"memory", "pids"} <= mounts.keys() & own.keys():
+        return "cgroup v1", (folder("memory"), folder("pids"))
+    if "" in mounts and "" in own:
+        try:
+            enabled = Path(folder(""), "cgroup.subtree_control").read_text().split()
+        except OSError:
+            return None
+        if {"memory", "pids"} <= set(enabled):
+            return "cgroup v2", (folder(""),)
+    return None
+
+
+def _make_cgroup(limits: Limits) -> tuple[str, list[Path]] | None:
+    """A fresh cgroup (one folder per hierarchy) with this run's budget; None where none can be
+    made (or LATEN_SANDBOX_NO_CGROUP is set): the sandbox then polls instead."""
+    where = _cgroup_parents()
+    if where is None or os.environ.get("LATEN_SANDBOX_NO_CGROUP", "") not in ("", "0"):
+        return None
+    kind, parents = where
+    name = f"{CGROUP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    made: list[Path] = []
+    memory = str(limits.memory_mb << 20)
+    try:
+        for parent in parents:
+            made.append(Path(parent, name))
+            made[-1].mkdir()
+        if kind == "cgroup v1":
+            (made[0] / "memory.limit_in_bytes").write_text(memory)
+            if (made[0] / "memory.memsw.limit_in_bytes").exists():  # memory + swap: no escape to swap
+                (made[0] / "memory.memsw.limit_in_bytes").write_text(memory)
+            (made[1] / "pids.max").write_text(str(limits.processes))
+        else:
+            (made[0] / "memory.max").write_text(memory)
+            if (made[0] / "memory.swap.max").exists():
+                (made[0] / "memory.swap.max").write_text("0")
+            (made[0] / "memory.oom.group").write_text("1")  # an OOM kill ends the whole sandbox
+            (made[0] / "pids.max").write_text(str(limits.processes))
+    except OSError:
+        _remove_cgroup(made)
+        return None
+    return kind, made
+
+
+def _cgroup_events(kind: str, folders: list[Path]) -> tuple[bool, bool]:
+    """(an OOM kill happened, the pids limit was hit) in this run's cgroup."""
+    def counts(path: Path) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+        except (OSError, ValueError):
+            return {}
+    memory = counts(folders[0] / ("memory.oom_control" if kind == "cgroup v1" else "memory.events"))
+    pids = counts(folders[-1] / "pids.events")
+    return memory.get("oom_kill", 0) > 0, pids.get("max", 0) > 0
+
+
+def _remove_cgroup(folders: list[Path]) -> None:
+    """Kill whatever is left in the run's cgroup and remove it (a PID namespace ends
+    asynchronously when its init is killed from outside: retry for a while)."""
+    for folder in folders:
+        for _ in range(300):
+            try:
+                folder.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # busy
+                try:
+                    if (folder / "cgroup.kill").exists():
+                        (folder / "cgroup.kill").write_text("1")
+                    else:
+                        for pid in (folder / "cgroup.procs").read_text().split():
+                            os.kill(int(pid), signal.SIGKILL)  # only the sandbox's processes are listed
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.01)
+
+
 def _verdict(raw: bytes, secret: bytes) -> tuple[bool, str] | None:
     """(passed, reason) from the judge's line with this run's secret; None if there is none."""
     for line in raw.splitlines():
@@ -159,6 +286,9 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
                 "memory_mb": limits.memory_mb, "processes": limits.processes,
                 "file_mb": limits.file_mb, "disk_mb": limits.disk_mb, "pass_fds": [secret_r, verdict_w],
                 "judge_args": [str(secret_r), str(verdict_w), *program.entry_points]}
+        cgroup = _make_cgroup(limits)  # removed in the finally below, whatever happens
+        budget = cgroup[0] if cgroup else POLLING
+        spec.update(cgroups=[str(p) for p in cgroup[1]] if cgroup else [], poll_memory=cgroup is None)
         t0 = time.monotonic()
         try:
             with open(out, "wb") as fo, open(err, "wb") as fe:
@@ -174,14 +304,20 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
                     proc.kill()
                     code = proc.wait()
             raw = _read_available(verdict_r)
+            over_memory, over_processes = _cgroup_events(*cgroup) if cgroup else (False, False)
         finally:
             os.close(verdict_r)
+            if cgroup:
+                _remove_cgroup(cgroup[1])
         seconds = time.monotonic() - t0
         setup_error = error_file.read_text() if error_file.is_file() else ""
-        if code == SETUP_FAILED and setup_error:
+        over_memory = over_memory or setup_error.startswith("memory budget")  # the poll's note
+        if code == SETUP_FAILED and setup_error and not over_memory:
             raise SandboxUnavailable(f"sandbox: {setup_error}")
         verdict = _verdict(raw, secret)
-        if code == TIMED_OUT:
+        if over_memory:  # whatever the judge saw: some process of the program was killed
+            status, detail = "failed", f"memory budget of {limits.memory_mb} MB exceeded ({budget})"
+        elif code == TIMED_OUT:
             status, detail = "timeout", f"no verdict within {limits.timeout_s} s"
         elif code == 128 + signal.SIGXCPU:
             status, detail = "timeout", f"over its {limits.cpu_s} s of CPU time"
@@ -189,8 +325,10 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
             status, detail = "failed", f"no verdict: the process ended first (exit status {code})"
         else:
             status, detail = ("passed" if verdict[0] else "failed"), verdict[1]
+        if over_processes:
+            detail += f" (it reached its budget of {limits.processes} processes, {budget})"
         return Outcome(status, code, _tail(out, limits.output_chars), _tail(err, limits.output_chars),
-                       seconds, detail)
+                       seconds, detail, budget)
 
 
 def _read_available(fd: int, limit: int = 1 << 16) -> bytes:

@@ -13,21 +13,58 @@ Stdlib only, since it runs with -I -S. Steps:
    binds of the paths the host lists), /dev/null, zero, random and urandom, an empty /tmp and
    /dev/shm, and a small tmpfs as the working directory /sandbox; pivot_root into it and drop
    the old root, so the project's files, the benchmarks and /proc are out of sight. Then resource
-   limits, then no privileges (an unprivileged uid as root, no capabilities otherwise).
+   limits, then no privileges (an unprivileged uid as root, no capabilities otherwise), then
+   the seccomp filter below (it survives execve), then exec the judge.
+
+Whole-program budget: where the host made a cgroup for the run (spec "cgroups"), this process
+joins it first, before anything else, so everything it starts is inside: the kernel bounds the
+memory and the processes of all of them together. Otherwise (spec "poll_memory") the waiting
+parent polls every POLL_S seconds the anonymous resident memory (RssAnon; pages shared after a
+fork count in each process) of the child and all its descendants and kills the sandbox when the
+sum passes memory_mb. That bound is a poll: it can overshoot by what the program allocates
+between two polls; its files in /sandbox, /tmp and /dev/shm (tmpfs, each of a fixed size) and
+kernel buffers (pipes, sockets) are bounded by their own limits, not by the poll.
+
+The seccomp filter (plain classic BPF, built here with struct) refuses with EPERM:
+- the kernel keyrings (add_key, request_key, keyctl): a key outlives the program and a later
+  program with the same uid could read it;
+- socket() of any family but AF_INET and AF_INET6 (the network namespace is empty): so no
+  AF_UNIX socket (seccomp cannot see the path in a sockaddr, so no connect or bind to any Unix
+  socket of the host, not even one inside the program's own directory; multiprocessing's
+  Manager and forkserver need one and so do not work), no AF_VSOCK, netlink, AF_ALG or packet
+  sockets; socketpair() only as an AF_UNIX SOCK_STREAM pair (multiprocessing's pipes; a
+  connected pair cannot be connected elsewhere), not SOCK_DGRAM or SOCK_SEQPACKET (a datagram
+  socket could be connected to a host socket later);
+- unshare() and clone() with any namespace flag (CLONE_NEWUSER above all), setns;
+- other processes' memory: ptrace, process_vm_readv/writev, process_madvise, kcmp, pidfd_getfd;
+- io_uring (its operations bypass seccomp), bpf, perf_event_open, userfaultfd;
+- mounts and the root (mount, umount2, pivot_root, chroot, the new mount API), kernel modules,
+  kexec, reboot, swap, acct, quotas, syslog, hostnames, open_by_handle_at, fanotify, and on
+  x86_64 iopl, ioperm, modify_ldt and uselib (most need capabilities the program lacks:
+  defense in depth);
+- memfd_create, memfd_secret, SysV shmget and msgget: memory a process can hold without mapping
+  it, which the fallback's poll would not see (POSIX shared memory lives in the small /dev/shm);
+- on x86_64, every x32 syscall number.
+clone3 gets ENOSYS, so glibc falls back to clone, whose flags the filter can read. A syscall
+of another ABI (i386 on x86_64, arm32 on aarch64) kills the process. Only x86_64 and aarch64
+have a table: elsewhere the filter cannot be made, setup fails and nothing runs.
 """
 import ctypes
 import json
 import os
 import resource
+import select
 import signal
+import struct
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 # statvfs flag -> mount flag: a bind mount in a user namespace must keep these when remounted
@@ -35,6 +72,42 @@ LOCKED_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS
                 os.ST_NOATIME: MS_NOATIME, os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
 DEVICES = ("null", "zero", "random", "urandom")
 WORKDIR = "/sandbox"
+POLL_S = 0.02  # the fallback's memory poll
+
+# seccomp: classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}
+LD_ABS, JEQ, JSET, AND, RET = 0x20, 0x15, 0x45, 0x54, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, ALU|AND|K, RET|K
+NR, ARCH, ARG0, ARG1 = 0, 4, 16, 24  # offsets; an arg's low 32 bits (little-endian): all the kernel reads of those checked
+RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
+SECCOMP_MODE_FILTER, X32_BIT = 2, 0x40000000
+EPERM, ENOSYS = 1, 38
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC = 1, 0o4000, 0o2000000
+CLONE_NEWCGROUP, CLONE_NEWTIME = 0x02000000, 0x80
+NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+# machine -> its AUDIT_ARCH_* and its column in SPECIAL and REFUSED
+ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
+# name: (x86_64, aarch64) numbers; None where the arch has no such syscall
+SPECIAL = {"socket": (41, 198), "socketpair": (53, 199), "unshare": (272, 97), "clone": (56, 220),
+           "clone3": (435, 435)}
+REFUSED = {
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    "setns": (308, 268), "ptrace": (101, 117), "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271), "process_madvise": (440, 440), "kcmp": (312, 272),
+    "pidfd_getfd": (438, 438), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "bpf": (321, 280), "perf_event_open": (298, 241),
+    "userfaultfd": (323, 282), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105),
+    "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142),
+    "swapon": (167, 224), "swapoff": (168, 225), "acct": (163, 89), "quotactl": (179, 60),
+    "quotactl_fd": (443, 443), "syslog": (103, 116), "sethostname": (170, 161),
+    "setdomainname": (171, 162), "name_to_handle_at": (303, 264), "open_by_handle_at": (304, 265),
+    "fanotify_init": (300, 262), "lookup_dcookie": (212, 18),
+    "iopl": (172, None), "ioperm": (173, None), "modify_ldt": (154, None), "uselib": (134, None),
+    # memory that no process maps, out of the fallback poll's sight
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+}
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -120,6 +193,67 @@ def drop_privileges(as_root: bool, uid: int, workdir: str) -> None:
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
+def syscall_filter(machine: str) -> bytes:
+    """The seccomp program (see the docstring) for this machine's syscall table."""
+    if machine not in ARCHES:
+        raise OSError(ENOSYS, f"seccomp: no syscall table for {machine}")
+    arch, column = ARCHES[machine]
+    number = {name: nrs[column] for name, nrs in {**SPECIAL, **REFUSED}.items()}
+    prog, labels = [], {}
+
+    def emit(code: int, k: int = 0, yes: str = "", no: str = "") -> None:  # "": the next instruction
+        prog.append((code, k, yes, no))
+    emit(LD_ABS, ARCH)
+    emit(JEQ, arch, no="kill")  # another ABI numbers its syscalls differently
+    emit(LD_ABS, NR)
+    if machine == "x86_64":
+        emit(JSET, X32_BIT, yes="eperm")
+    for name in REFUSED:
+        if number[name] is not None:
+            emit(JEQ, number[name], yes="eperm")
+    emit(JEQ, number["clone3"], yes="enosys")  # its flags sit in memory, out of the filter's sight
+    for name in ("socket", "socketpair", "unshare", "clone"):
+        emit(JEQ, number[name], yes=name)
+    emit(RET, RET_ALLOW)
+    labels["socket"] = len(prog)
+    emit(LD_ABS, ARG0)
+    emit(JEQ, AF_INET, yes="allow")
+    emit(JEQ, AF_INET6, yes="allow", no="eperm")
+    labels["socketpair"] = len(prog)
+    emit(LD_ABS, ARG0)
+    emit(JEQ, AF_UNIX, no="eperm")
+    emit(LD_ABS, ARG1)
+    emit(AND, ~(SOCK_NONBLOCK | SOCK_CLOEXEC) & 0xFFFFFFFF)
+    emit(JEQ, SOCK_STREAM, yes="allow", no="eperm")
+    labels["unshare"] = len(prog)
+    emit(LD_ABS, ARG0)
+    emit(JSET, NAMESPACES | CLONE_NEWTIME, yes="eperm", no="allow")
+    labels["clone"] = len(prog)  # flags are arg 0 on x86_64 and aarch64
+    emit(LD_ABS, ARG0)
+    emit(JSET, NAMESPACES, yes="eperm", no="allow")
+    for name, value in (("allow", RET_ALLOW), ("eperm", RET_ERRNO | EPERM), ("enosys", RET_ERRNO | ENOSYS),
+                        ("kill", RET_KILL_PROCESS)):
+        labels[name] = len(prog)
+        emit(RET, value)
+    # jumps are forward offsets from the next instruction, at most 255 (struct refuses more)
+    return b"".join(struct.pack("=HBBI", code, labels[yes] - i - 1 if yes else 0,
+                                labels[no] - i - 1 if no else 0, k)
+                    for i, (code, k, yes, no) in enumerate(prog))
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_filter() -> None:
+    """Needs no_new_privs (drop_privileges); the filter stays through execve and every fork."""
+    code = syscall_filter(os.uname().machine)
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = SockFprog(len(code) // 8, ctypes.addressof(buf))
+    check(libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog),
+                     ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+
+
 def set_limits(spec: dict) -> None:
     mb = 1 << 20
     for which, value in ((resource.RLIMIT_CPU, spec["cpu_s"]), (resource.RLIMIT_AS, spec["memory_mb"] * mb),
@@ -141,10 +275,62 @@ def child(spec: dict, report) -> None:
     os.setsid()  # its own process group: kill(0, ...) reaches nothing outside the sandbox
     drop_privileges(spec["as_root"], spec["uid"], WORKDIR)
     set_limits(spec)
+    install_filter()  # last: from here on only execve is left to do
     env = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
            "PYTHONDONTWRITEBYTECODE": "1"}
     # `report` closes on exec; the secret and verdict pipes (inheritable) stay open for the judge
     os.execve(spec["python"], [spec["python"], "-I", "judge.py", *spec["judge_args"]], env)
+
+
+def read_at(proc: int, path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY, dir_fd=proc)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def anon_memory(proc: int, pid: int) -> int:
+    """Bytes of anonymous resident memory of `pid` and all its descendants, through the host's
+    /proc opened as `proc` (orphans in the PID namespace are re-parented to `pid`, so this is
+    every process of the sandbox)."""
+    total, stack, page = 0, [pid], os.sysconf("SC_PAGE_SIZE")
+    while stack:
+        p = stack.pop()
+        try:
+            _, resident, shared = read_at(proc, f"{p}/statm").split()[:3]
+            total += (int(resident) - int(shared)) * page
+            tasks = os.open(f"{p}/task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=proc)
+            try:
+                tids = os.listdir(tasks)
+            finally:
+                os.close(tasks)
+            for tid in tids:  # each thread has its own children
+                stack.extend(int(c) for c in read_at(proc, f"{p}/task/{tid}/children").split())
+        except (OSError, ValueError):
+            pass  # it has just ended
+    return total
+
+
+def wait_polling(pid: int, proc: int, spec: dict, report) -> int:
+    """waitpid, checking the sandbox's memory every POLL_S seconds; over budget, kill it."""
+    try:
+        pidfd = os.pidfd_open(pid)  # readable when the child ends: no wait for the next poll
+    except (AttributeError, OSError):
+        pidfd = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if anon_memory(proc, pid) > spec["memory_mb"] << 20:
+            report.write(f"memory budget of {spec['memory_mb']} MB exceeded (polling)")
+            report.flush()
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        if pidfd is None:
+            time.sleep(POLL_S)
+        else:
+            select.select([pidfd], [], [], POLL_S)
 
 
 def main() -> None:
@@ -153,11 +339,15 @@ def main() -> None:
     # mounts), so a program cannot pass itself off as a broken sandbox.
     report = open(spec["error_file"], "w")
     try:
+        for cgroup in spec["cgroups"]:  # first: everything started from here on is inside
+            write(os.path.join(cgroup, "cgroup.procs"), str(os.getpid()))
         enter_namespaces(spec["as_root"])
     except OSError as e:
         report.write(f"cannot isolate: {e}")
         report.close()
         sys.exit(125)
+    # the host's /proc, for the memory poll: the child's pivot_root hides it from this process too
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY) if spec["poll_memory"] else -1
     pid = os.fork()
     if pid != 0:
         for fd in spec["pass_fds"]:  # only the judge keeps these
@@ -165,12 +355,13 @@ def main() -> None:
     if pid == 0:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if proc >= 0:
+                os.close(proc)
             child(spec, report)
         except BaseException as e:  # noqa: BLE001 - reported, then a distinct exit code
             report.write(f"setup failed: {e}")
             report.close()
         os._exit(125)
-    report.close()
     # The parent: wall clock. Killing PID 1 of the namespace kills everything inside it.
     timed_out = []
 
@@ -180,7 +371,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, kill_child)
     signal.signal(signal.SIGALRM, kill_child)
     signal.setitimer(signal.ITIMER_REAL, spec["timeout_s"])
-    _, status = os.waitpid(pid, 0)
+    status = wait_polling(pid, proc, spec, report) if proc >= 0 else os.waitpid(pid, 0)[1]
+    report.close()
     if timed_out:
         sys.exit(124)
     sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
