@@ -1,9 +1,13 @@
 """Serve a model with an OpenAI-compatible HTTP API on Ray Serve:
 `python -m jobs.serve --model DIR [--port 8000]` (and `laten serve`).
 
-POST /v1/completions, POST /v1/chat/completions (both with "stream": true too), GET /v1/models.
-vLLM's async engine answers when vLLM is installed, transformers otherwise. A bad request
-gets a 4xx JSON error naming the problem; the server keeps serving.
+POST /v1/completions, POST /v1/chat/completions (both with "stream": true too), GET /v1/models,
+GET /health. vLLM's async engine answers when vLLM is installed and can run the model,
+transformers otherwise. A bad or oversized request gets a 4xx JSON error naming the problem or
+the limit (`--limit-*`); the server keeps serving.
+
+As a Ray Serve config (`serve run configs/serve.yaml`), the application is `jobs.serve:build_app`
+with the same settings as arguments (`limits` a mapping of the limit names).
 """
 from __future__ import annotations
 
@@ -11,29 +15,64 @@ import argparse
 import signal
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 from ray import serve
 
 from actors.server import OpenAIServer
 from laten_ray import entry
+from laten_ray.serve.openai import ServeLimits
+
+APP_KEYS = {"model", "name", "engine", "dtype", "device", "max_model_len", "num_cpus", "num_gpus", "limits",
+            "stuck_after_s"}
 
 
-def deploy(model: str, name: str | None = None, engine: str = "auto", dtype: str = "float32",
-           device: str = "auto", host: str = "127.0.0.1", port: int = 8000, max_model_len: int | None = None,
-           num_cpus: float = 1.0, num_gpus: float = 0.0, address: str | None = None) -> str:
-    """Start (or join) Ray, deploy the app and return its base URL."""
-    import ray
+def build_app(args: dict):
+    """The application from a settings mapping: `laten serve`'s options, and Ray Serve's
+    config-file entry point (`import_path: jobs.serve:build_app`, `args: {...}`)."""
+    unknown = set(args) - APP_KEYS
+    if unknown:
+        raise ValueError(f"serve settings: unknown key(s) {sorted(unknown)}; known: {sorted(APP_KEYS)}")
+    if "model" not in args:
+        raise ValueError("serve settings: 'model' is required")
+    from laten_ray.eval.engines import use_vllm
     from laten_ray.models import check_spec
+    model = str(args["model"])
     check_spec(model)  # a missing folder fails here, before Ray starts
-    name = name or (model if model.startswith("tiny:") else Path(model).name)
+    engine = args.get("engine", "auto")
+    use_vllm(engine)  # an unknown engine, or vllm asked for but not installed, fails here too
+    limits = ServeLimits.from_dict(args.get("limits"))
+    stuck_after_s = args.get("stuck_after_s", 120.0)
+    if isinstance(stuck_after_s, bool) or not isinstance(stuck_after_s, (int, float)) or stuck_after_s <= 0:
+        raise ValueError(f"serve settings: stuck_after_s must be a positive number of seconds, got {stuck_after_s!r}")
+    name = args.get("name") or (model if model.startswith("tiny:") else Path(model).name)
+    options = {"num_cpus": args.get("num_cpus", 1.0), "num_gpus": args.get("num_gpus", 0.0)}
+    return OpenAIServer.options(ray_actor_options=options).bind(
+        model, name, engine, args.get("dtype", "float32"), args.get("device", "auto"), args.get("max_model_len"),
+        asdict(limits), float(stuck_after_s))
+
+
+def deploy(settings: dict, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> tuple[str, dict]:
+    """Start (or join) Ray, deploy the app; its base URL and what the replica runs (engine,
+    fallback reason). An engine that cannot run the model is a ValueError naming it."""
+    import ray
+    app = build_app(settings)  # settings checked before Ray starts
     if not ray.is_initialized():
         ray.init(address=address, namespace="laten-serve", log_to_driver=True)
     serve.start(http_options={"host": host, "port": port})
-    app = OpenAIServer.options(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}).bind(
-        model, name, engine, dtype, device, max_model_len)
-    serve.run(app, name="laten", route_prefix="/")
-    return f"http://{host}:{port}/v1"
+    try:
+        handle = serve.run(app, name="laten", route_prefix="/")
+    except RuntimeError:  # the replica's own error is in the deployment's status
+        status = serve.status().applications.get("laten")
+        messages = [d.message for d in status.deployments.values()] if status else []
+        reason = next((line.split("EngineUnavailable: ")[-1] for m in messages for line in m.splitlines()
+                       if "EngineUnavailable: " in line), None)
+        serve.shutdown()
+        if reason is None:
+            raise
+        raise ValueError(reason) from None
+    return f"http://{host}:{port}/v1", handle.describe.remote().result()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,16 +87,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0)
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: the job's, or a new local one)")
+    p.add_argument("--stuck-after-s", type=float, default=120.0,
+                   help="health fails (and Ray Serve replaces the replica) after this long with work and no token")
+    limits = p.add_argument_group("request limits (checked before any tokenization; over one: 413 or 400 naming it)")
+    for key, default in asdict(ServeLimits()).items():
+        limits.add_argument(f"--limit-{key.replace('_', '-')}", dest=f"limit_{key}", type=int, default=default,
+                            metavar="N", help=f"default {default}")
     p.add_argument("--detach", action="store_true",
                    help="return once deployed and leave the app running on the cluster (a job does this)")
 
 
 def run(args) -> int:
     """Deploy; unless --detach, serve until SIGINT/SIGTERM, then shut the app down."""
-    url = deploy(args.model, args.name, args.engine, args.dtype, args.device, args.host, args.port,
-                 args.max_model_len, args.num_cpus, args.num_gpus, args.address)
-    print(f"serving {args.name or args.model} at {url} (POST /completions, /chat/completions; GET /models)",
-          flush=True)
+    settings = {"model": args.model, "name": args.name, "engine": args.engine, "dtype": args.dtype,
+                "device": args.device, "max_model_len": args.max_model_len, "num_cpus": args.num_cpus,
+                "num_gpus": args.num_gpus, "stuck_after_s": args.stuck_after_s,
+                "limits": {k: getattr(args, f"limit_{k}") for k in asdict(ServeLimits())}}
+    url, running = deploy(settings, args.host, args.port, args.address)
+    fallback = f" ({running['fallback']})" if running["fallback"] else ""
+    print(f"serving {args.name or args.model} with engine {running['engine']}{fallback} at {url} "
+          "(POST /completions, /chat/completions; GET /models, /health)", flush=True)
     if args.detach:
         return 0
     stop = threading.Event()

@@ -15,3 +15,41 @@ def tiny_config_dict(family: str, run_root, **train) -> dict:
         "hypernet": {"init_std": 0.02},
         "train": {"steps": 3, "align_per_step": 5, "micro_batch_size": 3, "lr": 1e-3, **train},
     }
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_laten_serve(args: list[str], log_path):
+    """`laten serve ARGS` in its own process group with a local Ray of its own (127.0.0.1 only),
+    its output in `log_path`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--address", "local", *args], cwd=repo,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_laten_serve(proc) -> None:
+    """SIGTERM to the server's group (SIGKILL after a minute), then stop what is left of Ray."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)

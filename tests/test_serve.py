@@ -1,10 +1,11 @@
-"""`laten serve` on 127.0.0.1: the official `openai` client (completions, chat, streaming), 32
-concurrent requests, and a 4xx JSON error for every kind of invalid request, while staying up."""
+"""`laten serve` on 127.0.0.1, with both engines: the official `openai` client (completions, chat,
+streaming), 32 concurrent requests, a 4xx JSON error for every kind of invalid or oversized
+request while staying up (fast, and without the replica's memory growing), abandoned requests
+that stop generating, and a dead or stuck engine that Ray Serve replaces."""
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, start_laten_serve, stop_laten_serve
 from laten_ray.eval.engines import vllm_available
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each server starts its own local Ray
@@ -23,12 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each server starts its own l
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny:demo-source"
 NAME = "demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STUCK_AFTER_S = 30  # the servers' health fails after this long with work and no token
 
 
 @pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
@@ -40,18 +37,14 @@ def server(request, laten_cache):
     from laten_ray.models import resolve
     resolve(MODEL)  # built before the server starts
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)  # a local Ray of its own
-    log = open(Path(str(laten_cache)) / f"serve-{engine}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--model", MODEL, "--name", NAME,
-                             "--engine", engine, "--port", str(port), "--max-model-len", "512"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = Path(str(laten_cache)) / f"serve-{engine}.log"
+    proc = start_laten_serve(["--model", MODEL, "--name", NAME, "--engine", engine, "--port", str(port),
+                              "--max-model-len", "512", "--stuck-after-s", str(STUCK_AFTER_S)], log)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 300
     while True:  # bounded wait for the app
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        assert time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
         try:
             with urllib.request.urlopen(f"{base}/models", timeout=2) as r:
                 if r.status == 200:
@@ -59,13 +52,7 @@ def server(request, laten_cache):
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(1)
     yield {"base": base, "engine": engine, "proc": proc}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
-    log.close()
+    stop_laten_serve(proc)
 
 
 def client(server):
@@ -131,23 +118,51 @@ def post(base: str, path: str, data: bytes) -> tuple[int, dict]:
     ("/completions", {"prompt": "hi"}, 400, "model", "'model' is required"),
     ("/completions", {"model": NAME, "prompt": 42}, 400, "prompt", "string or a non-empty list"),
     ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "positive integer"),
-    ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens", "context of 512"),
+    ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 4000}, 400, "max_tokens", "context of 512"),
     ("/completions", {"model": NAME, "prompt": "hi", "temperature": "hot"}, 400, "temperature", "[0, 2]"),
     ("/completions", {"model": NAME, "prompt": "hi", "stream": "yes"}, 400, "stream", "boolean"),
-    ("/completions", {"model": NAME, "prompt": "hi", "stop": [1]}, 400, "stop", "list of up to 4 strings"),
+    ("/completions", {"model": NAME, "prompt": "hi", "stop": [1]}, 400, "stop", "a list of strings"),
     ("/chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages", "non-empty list"),
     ("/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]", "role"),
-    ("/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "[1, 16]"),
+    ("/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n",
+     "positive integer"),
+    # values that once reached the engine and came back as 500s
+    ("/completions", b'{"model": "demo", "prompt": "a\\ud800b"}', 400, "prompt", "lone surrogate"),
+    ("/chat/completions", b'{"model": "demo", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "messages[0].content", "lone surrogate"),
+    ("/completions", b"[" * 1000 + b"]" * 1000, 400, None, "limit json_depth"),
+    ("/completions", {"model": NAME, "prompt": "hi", "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+     400, None, "JSON nesting depth: 33"),
+    ("/completions", {"model": NAME, "prompt": "hi", "seed": 2 ** 70}, 400, "seed", "64 bits"),
+    ("/completions", {"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop", "must not be empty"),
+    # over a limit: named, with its flag
+    ("/completions", {"model": NAME, "prompt": "x" * 200_001}, 400, "prompt", "--limit-prompt-chars"),
+    ("/completions", {"model": NAME, "prompt": ["hi"] * 2000}, 400, "prompt", "prompts: 2000, over this server's limit of 64"),
+    ("/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}] * 300}, 400, "messages",
+     "--limit-messages"),
+    ("/completions", {"model": NAME, "prompt": "hi", "stop": ["x" * 200_000] * 4}, 400, "stop", "--limit-stop-chars"),
+    ("/completions", {"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "--limit-stop"),
+    ("/completions", {"model": NAME, "prompt": "hi", "n": 17}, 400, "n", "--limit-n"),
+    ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens", "--limit-max-tokens"),
 ])
 def test_invalid_requests_get_4xx_naming_the_problem(server, path, body, status, param, words):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.monotonic()
     code, answer = post(server["base"], path, data)
     assert code == status, answer
     assert answer["error"]["param"] == param and words in answer["error"]["message"], answer
-    # still serving
-    ok, models = post(server["base"], "/completions", json.dumps(
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert time.monotonic() - t0 < 10  # refused before any model work
+    assert_serving(server)
+
+
+def assert_serving(server, within_s: float = 10.0) -> None:
+    """A normal request right after succeeds within `within_s`."""
+    t0 = time.monotonic()
+    ok, answer = post(server["base"], "/completions", json.dumps(
         {"model": NAME, "prompt": "hi", "max_tokens": 2, "temperature": 0}).encode())
-    assert ok == 200 and models["choices"]
+    assert ok == 200 and answer["choices"], answer
+    assert time.monotonic() - t0 < within_s
 
 
 def test_serve_with_a_missing_model_fails_before_starting_ray(tmp_path):
@@ -156,3 +171,172 @@ def test_serve_with_a_missing_model_fails_before_starting_ray(tmp_path):
     assert done.returncode == 2
     assert f"laten: error: model folder '{tmp_path / 'nope'}' not found" in done.stderr
     assert "Ray" not in done.stdout + done.stderr
+
+
+# --- oversized requests, abandoned clients, a dead or stuck engine ---------------------------
+
+def ray_process(server, word: str):
+    """The process of this server's Ray whose title names `word` (Serve's replica or proxy):
+    Ray's processes descend from the `laten serve` process that started it."""
+    import psutil
+    found = [p for p in psutil.Process(server["proc"].pid).children(recursive=True)
+             if word in " ".join(p.cmdline())]
+    assert len(found) == 1, [p.cmdline() for p in found]
+    return found[0]
+
+
+def rss_mb(proc) -> float:
+    """Resident memory of a process and its children (vLLM's engine), in MB."""
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2 ** 20
+
+
+def raw_post(base: str, path: str, data: bytes, timeout: float = 60) -> tuple[int, dict]:
+    """POST over a plain socket, so the body is sent whatever the server answers first."""
+    import http.client
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        c.request("POST", "/v1" + path, body=data, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_a_50_mb_body_is_refused_at_once_without_stalling_others_or_growing_memory(server):
+    replica, proxy = ray_process(server, "ServeReplica:laten"), ray_process(server, "ProxyActor")
+    before = rss_mb(replica), rss_mb(proxy)
+    big = json.dumps({"model": NAME, "prompt": "x" * 50_000_000}).encode()
+    answers, latencies = [], []
+
+    def send_big() -> None:
+        for _ in range(3):
+            answers.append(raw_post(server["base"], "/completions", big))
+
+    sender = __import__("threading").Thread(target=send_big)
+    sender.start()
+    while sender.is_alive():  # normal requests keep being answered meanwhile (bounded: 3 big ones)
+        t0 = time.monotonic()
+        assert_serving(server, within_s=10)
+        latencies.append(time.monotonic() - t0)
+    sender.join(timeout=120)
+    assert [a[0] for a in answers] == [413] * 3, answers
+    error = answers[0][1]["error"]
+    assert error["code"] == "request_too_large" and "--limit-body-bytes" in error["message"], error
+    assert max(latencies) < 5, latencies
+    after = rss_mb(replica), rss_mb(proxy)
+    # the replica never held the body; the proxy passed on at most what it had buffered
+    assert after[0] - before[0] < 100, (before, after)
+    assert after[1] - before[1] < 200, (before, after)
+
+
+def test_a_tiny_temperature_is_greedy(server):
+    ask = {"model": NAME, "prompt": "<|user|>\nWhat is 3 + 4?\n\n<|assistant|>\n", "max_tokens": 10}
+    code, tiny = post(server["base"], "/completions", json.dumps({**ask, "temperature": 1e-300}).encode())
+    assert code == 200, tiny
+    _, greedy = post(server["base"], "/completions", json.dumps({**ask, "temperature": 0}).encode())
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def health(server) -> tuple[int | None, dict]:
+    try:
+        with urllib.request.urlopen(server["base"][:-3] + "/health", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        return None, {"error": str(e)}
+
+
+def test_abandoned_requests_stop_generating(server):
+    """20 clients ask for 16 x 480 tokens each (153,600 in all: over a minute of work for either
+    engine here), then hang up after a second; their generation must stop."""
+    host, port = server["base"].split("//")[1].split("/")[0].split(":")
+    sockets = []
+    for i in range(20):
+        body = json.dumps({"model": NAME, "prompt": f"{i} apples", "max_tokens": 480, "n": 16, "ignore_eos": True,
+                           "temperature": 1.0, "seed": i, "stream": i % 2 == 0}).encode()
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sockets.append(s)
+    time.sleep(1.5)
+    code, busy = health(server)
+    assert code == 200 and busy["running"] >= 1, busy
+    for s in sockets:
+        s.close()
+    at_close = busy["generated_tokens"]
+    deadline = time.monotonic() + 20
+    while (state := health(server)[1])["running"] and time.monotonic() < deadline:  # bounded
+        time.sleep(0.5)
+    assert state["running"] == 0, state
+    time.sleep(2)
+    code, idle = health(server)
+    # a few engine steps may finish after the hang-up; the other ~150,000 tokens are never made
+    assert idle["generated_tokens"] - at_close < 5000, (busy, idle)
+    assert_serving(server, within_s=10)
+
+
+def serving_again(server, old_replica, deadline_s: float) -> float:
+    """Seconds until a new replica answers /health and a completion (bounded by `deadline_s`)."""
+    import psutil
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        try:
+            replaced = ray_process(server, "ServeReplica:laten").pid != old_replica.pid
+        except (AssertionError, psutil.Error):  # between the old replica and the new one
+            replaced = False
+        if replaced and health(server)[0] == 200:
+            assert_serving(server, within_s=30)
+            return time.monotonic() - t0
+        time.sleep(2)
+    raise AssertionError(f"not serving again within {deadline_s} s")
+
+
+# Last in the module: these replace the replica the tests above used.
+def test_a_dead_engine_is_replaced(server):
+    replica = ray_process(server, "ServeReplica:laten")
+    if server["engine"] == "vllm":  # vLLM's engine is a process of its own: kill it
+        core = [p for p in replica.children(recursive=True) if "EngineCore" in p.name()]
+        assert len(core) == 1, [p.name() for p in replica.children(recursive=True)]
+        core[0].kill()
+        seen, deadline = set(), time.monotonic() + 20
+        while 503 not in seen and time.monotonic() < deadline:  # a dead engine says so: 503, never 500
+            seen.add(post(server["base"], "/completions", json.dumps({"model": NAME, "prompt": "hi"}).encode())[0])
+        assert 503 in seen and 500 not in seen, seen
+    else:  # transformers runs inside the replica: kill the replica
+        replica.kill()
+    took = serving_again(server, replica, 240)
+    print(f"{server['engine']}: serving again {took:.0f} s after the engine died")
+
+
+@pytest.mark.vllm
+def test_a_stuck_engine_is_replaced(server):
+    """vLLM's engine stopped (SIGSTOP) with a request in flight: after stuck_after_s without a
+    token, /health says so (503) and the health check fails, and Ray Serve starts a new replica."""
+    if server["engine"] != "vllm":
+        pytest.skip("transformers runs inside the replica; a stopped replica is Ray Serve's own health timeout")
+    import psutil
+    replica = ray_process(server, "ServeReplica:laten")
+    core = next(p for p in replica.children(recursive=True) if "EngineCore" in p.name())
+    core.suspend()
+    try:
+        def hang() -> None:
+            try:
+                post(server["base"], "/completions", json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 4}).encode())
+            except OSError:
+                pass  # its replica was replaced under it; what matters is what comes after
+        __import__("threading").Thread(target=hang, daemon=True).start()
+        t0, answer = time.monotonic(), {}
+        while time.monotonic() - t0 < STUCK_AFTER_S + 30:  # bounded
+            code, answer = health(server)
+            if code == 503:
+                break
+            time.sleep(1)
+        assert "engine is stuck: no token for" in answer.get("error", {}).get("message", ""), answer
+        assert time.monotonic() - t0 > STUCK_AFTER_S - 5  # not before it had time to be called stuck
+        took = serving_again(server, replica, 240)
+        print(f"vllm: serving again {took:.0f} s after the engine was called stuck")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone with the old replica, or not yet:
+            core.kill()  # a stopped process ignores the old replica's SIGTERM

@@ -20,6 +20,12 @@ class Sampling:
     n: int = 1                 # samples per prompt (pass@k)
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    ignore_eos: bool = False   # generate max_tokens whatever the model says (the server's load tests)
+
+
+# Temperatures below this sample as greedy (vLLM's own threshold): dividing logits by 1e-300
+# overflows to inf and nan.
+GREEDY_BELOW = 1e-5
 
 
 def vllm_available() -> bool:
@@ -37,7 +43,7 @@ def use_vllm(engine: str) -> bool:
 
 def next_tokens(logits: torch.Tensor, s: Sampling, gen) -> torch.Tensor:
     """The next token of each row: greedy, or sampled with temperature and top-p. [B, V] -> [B]"""
-    if s.temperature <= 0:
+    if s.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = torch.softmax(logits / s.temperature, -1)
     if s.top_p < 1.0:
@@ -50,7 +56,8 @@ def next_tokens(logits: torch.Tensor, s: Sampling, gen) -> torch.Tensor:
 def vllm_sampling(s: Sampling):
     from vllm import SamplingParams
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                          stop=s.stop or None, seed=s.seed if s.temperature > 0 else None)
+                          stop=s.stop or None, seed=s.seed if s.temperature >= GREEDY_BELOW else None,
+                          ignore_eos=s.ignore_eos)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
