@@ -26,6 +26,10 @@ from laten_ray.serve.openai import (ApiError, ServeLimits, body_too_large, check
 api = FastAPI(title="laten-ray")
 
 
+def reply(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 # One failed start is final (a model the engine cannot run fails `laten serve` in one try);
 # health is checked every 5 s.
 @serve.deployment(name="laten-openai", max_ongoing_requests=128, health_check_period_s=5,
@@ -65,8 +69,7 @@ class OpenAIServer:
 
     def unavailable(self) -> JSONResponse | None:
         problem = self.problem()
-        return None if problem is None else JSONResponse(
-            ApiError(503, problem, code="engine_unavailable").body(), status_code=503)
+        return None if problem is None else reply(ApiError(503, problem, code="engine_unavailable"))
 
     @api.get("/health")
     async def health(self):
@@ -120,7 +123,7 @@ class OpenAIServer:
                 return down
             req, prompts = await asyncio.get_running_loop().run_in_executor(self.worker, self.prepare, raw, chat)
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return reply(e)
         rid = completion_id(chat)
         if req.stream:
             return StreamingResponse(self.events(req, rid, prompts), media_type="text/event-stream")
@@ -136,8 +139,7 @@ class OpenAIServer:
                 generated += sum(counts.values())
             return full_response(req, rid, self.name, texts, finishes, sum(map(len, prompts)), generated)
         except Exception as e:  # noqa: BLE001 - the server must stay up
-            error = self.failure(e)
-            return JSONResponse(error.body(), status_code=error.status)
+            return reply(self.failure(e))
 
     def failure(self, e: Exception) -> ApiError:
         if engine_dead(e):

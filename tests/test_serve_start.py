@@ -44,16 +44,21 @@ def test_the_serve_config_file_builds_the_app_and_bad_settings_fail_before_ray()
     assert "Ray" not in done.stdout + done.stderr
 
 
+def serve_unrunnable(log: Path, *args: str):
+    """`laten serve` of the model vLLM cannot run, with `args`; needs vLLM to mean anything."""
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here: there is nothing it cannot run")
+    from laten_ray.models import resolve
+    resolve(UNRUNNABLE)
+    return start_laten_serve(["--model", UNRUNNABLE, *args], log)
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_that_cannot_run_the_model_fails_fast_with_the_reason(tmp_path, laten_cache):
-    if not vllm_available():
-        pytest.skip("vLLM is not installed here")
-    from laten_ray.models import resolve
-    resolve(UNRUNNABLE)
     log = tmp_path / "serve.log"
-    proc = start_laten_serve(["--model", UNRUNNABLE, "--engine", "vllm", "--port", str(free_port())], log)
+    proc = serve_unrunnable(log, "--engine", "vllm", "--port", str(free_port()))
     try:
         code = proc.wait(timeout=240)  # one try: no constructor retries
     finally:
@@ -68,14 +73,9 @@ def test_vllm_that_cannot_run_the_model_fails_fast_with_the_reason(tmp_path, lat
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_auto_falls_back_to_transformers_saying_so_and_custom_limits_apply(tmp_path, laten_cache):
-    if not vllm_available():
-        pytest.skip("vLLM is not installed here: auto is transformers from the start")
-    from laten_ray.models import resolve
-    resolve(UNRUNNABLE)
     log = tmp_path / "serve.log"
     port = free_port()
-    proc = start_laten_serve(["--model", UNRUNNABLE, "--name", "t", "--engine", "auto", "--port", str(port),
-                              "--limit-prompts", "2"], log)
+    proc = serve_unrunnable(log, "--name", "t", "--engine", "auto", "--port", str(port), "--limit-prompts", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300

@@ -56,11 +56,26 @@ class _Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
-class HFBackend:
+class Backend:
+    """What both engines share: the tokenizer's ids, and the first token generated at start."""
+    name: str
+    tokenizer = None
+    fallback: str | None = None  # why vLLM was not used, when `auto` fell back
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    async def warm_up(self) -> None:
+        """One token: some models load but fail at their first step (vLLM's CPU backend lacks
+        some attention shapes), and that kills the engine."""
+        async for _ in self.stream(self.encode("a")[:1] or [0], Sampling(max_tokens=1, temperature=0)):
+            pass
+
+
+class HFBackend(Backend):
     """transformers, one sequence at a time on one worker thread (a fallback, not a throughput
     engine). A request whose client has gone is skipped, or stopped at its next token."""
     name = "hf"
-    fallback: str | None = None  # why vLLM was not used, when `auto` fell back
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_model_len: int | None = None):
         from ..models import load_model, load_tokenizer, pick_device
@@ -76,16 +91,6 @@ class HFBackend:
     @property
     def dead(self) -> bool:
         return not self.worker.is_alive()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    async def warm_up(self) -> None:
-        async for _ in self.stream(self.encode("a")[:1] or [0], Sampling(max_tokens=1, temperature=0)):
-            pass
-
-    def close(self) -> None:
-        pass
 
     def _work(self) -> None:
         while True:
@@ -153,11 +158,10 @@ class HFBackend:
             job.cancelled.set()
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """vLLM's async engine: continuous batching of concurrent requests. A request whose client
     has gone is aborted by vLLM itself when its generate() is cancelled."""
     name = "vllm"
-    fallback: str | None = None
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_model_len: int | None = None):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
@@ -172,15 +176,6 @@ class VLLMBackend:
     @property
     def dead(self) -> bool:
         return self.engine.errored
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    async def warm_up(self) -> None:
-        """One token: some models load but fail at their first step (an attention shape the
-        CPU backend lacks), and that kills the engine."""
-        async for _ in self.stream(self.encode("a")[:1] or [0], Sampling(max_tokens=1, temperature=0)):
-            pass
 
     def close(self) -> None:
         self.engine.shutdown()
