@@ -17,6 +17,8 @@ class EvaluatorActor:
 
     def evaluate(self, task: str, data: str, out: str, limit: int | None, progress: bool = True) -> dict:
         from laten_ray.eval.evaluate import evaluate
+        # a study (progress off) tells a fallback itself, from the summary, once per arm
         summary, self.engine = evaluate(self.model, task, data, out, self.settings, limit, engine=self.engine,
-                                        progress=progress, keep_engine=True)
+                                        progress=progress, keep_engine=True,
+                                        say=None if progress else (lambda line: None))
         return summary

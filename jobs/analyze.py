@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from laten_ray import entry
+from laten_ray.ray_session import ray_session
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gram-tokens", type=int, default=256, help="answer tokens per Gram piece at most (>= 8)")
     p.add_argument("--chunk-mb", type=int, default=256, help="attribution's memory budget")
     p.add_argument("--ray", action="store_true", help="one Ray actor per model")
-    p.add_argument("--address", default=None, help="with --ray: the cluster to join (default: $RAY_ADDRESS, a "
-                   "running local one, or a new one; `local`: always a new one)")
+    p.add_argument("--address", default=None, help="with --ray: the cluster to join (default: $RAY_ADDRESS, "
+                   "which a job has; else a private local one)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="with --ray: CPUs (and torch threads) per actor")
     p.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per actor")
 
@@ -83,22 +84,18 @@ def on_ray(inputs, settings, address: str | None, num_cpus: float, num_gpus: flo
     from actors.analyzer import AnalyzerActor
     from laten_ray.analysis.report import analyze
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, namespace="laten-analyze", log_to_driver=True)
-    remote = ray.remote(AnalyzerActor).options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                               runtime_env={"env_vars": entry.worker_env(num_cpus)})
-    actors = {role: remote.remote(getattr(inputs, role), inputs.dtype[role], inputs.device[role], num_cpus)
-              for role in ("target", "source")}
-    try:
-        shapes = tuple(ray.get([actors[r].shape.remote() for r in ("target", "source")]))
-        return analyze(inputs, settings, shapes,
-                       lambda calls: ray.get([getattr(actors[r], m).remote(*a) for r, m, a in calls]), log)
-    finally:
-        for actor in actors.values():
-            ray.kill(actor)
-        if started:  # a caller in this process (a test) must not find a cluster left behind
-            ray.shutdown()
+    with ray_session(address, "laten-analyze", log):
+        remote = ray.remote(AnalyzerActor).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                   runtime_env={"env_vars": entry.worker_env(num_cpus)})
+        actors = {role: remote.remote(getattr(inputs, role), inputs.dtype[role], inputs.device[role], num_cpus)
+                  for role in ("target", "source")}
+        try:
+            shapes = tuple(ray.get([actors[r].shape.remote() for r in ("target", "source")]))
+            return analyze(inputs, settings, shapes,
+                           lambda calls: ray.get([getattr(actors[r], m).remote(*a) for r, m, a in calls]), log)
+        finally:
+            for actor in actors.values():
+                ray.kill(actor)
 
 
 def run(args, log=print) -> Path:

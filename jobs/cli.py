@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--ray", action="store_true",
                    help="run the source and the target as Ray actors (see jobs/train.py)")
     t.add_argument("--address", default=None,
-                   help="with --ray: the cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
+                   help="with --ray: the cluster to join (default: $RAY_ADDRESS; else a private local one)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4")
     t.set_defaults(handler=_train)
 
@@ -161,8 +161,8 @@ def parser() -> argparse.ArgumentParser:
 
     y = sub.add_parser("study", help="LaTen against controls and baselines on the same items, on Ray, with a report")
     y.add_argument("--config", required=True, help="a study config, e.g. configs/study-demo.yaml")
-    y.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, a running "
-                   "local one, or a new one; `local`: always a new one)")
+    y.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS; else a "
+                   "private local one, stopped at the end)")
     y.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
     y.set_defaults(handler=_study)
 

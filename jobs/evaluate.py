@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from laten_ray import entry
+from laten_ray.ray_session import ray_session
 
 
 def evaluate_on_ray(args) -> int:
@@ -24,16 +25,15 @@ def evaluate_on_ray(args) -> int:
     get_task(args.task).load(args.data, args.limit)
     data = args.data if args.data.startswith(("hf:", "demo:")) else str(resolve_path(args.data).resolve())
     import ray
-    if not ray.is_initialized():
-        ray.init(address=args.address, namespace="laten-evaluate", log_to_driver=True)
-    gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU") else 0.0)
-    actor = ray.remote(EvaluatorActor).options(
-        name="laten-evaluator", num_cpus=args.num_cpus, num_gpus=gpus,
-        runtime_env={"env_vars": entry.worker_env(args.num_cpus)}).remote(args.model, settings, args.num_cpus)
     out = str(Path(args.out).expanduser().resolve())
-    summary = ray.get(actor.evaluate.remote(args.task, data, out, args.limit))
+    with ray_session(args.address, "laten-evaluate"):
+        gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU") else 0.0)
+        actor = ray.remote(EvaluatorActor).options(
+            name="laten-evaluator", num_cpus=args.num_cpus, num_gpus=gpus,
+            runtime_env={"env_vars": entry.worker_env(args.num_cpus)}).remote(args.model, settings, args.num_cpus)
+        summary = ray.get(actor.evaluate.remote(args.task, data, out, args.limit))
+        ray.kill(actor)
     print_summary(summary, out)
-    ray.kill(actor)
     return 0
 
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
     add_arguments(p)
-    p.add_argument("--address", default=None, help="Ray cluster (default: the job's, or a new local one)")
+    p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, "
+                   "which a job has; else a private local one)")
     p.add_argument("--num-cpus", type=float, default=1.0)
     p.add_argument("--num-gpus", type=float, default=None, help="default: 1 if this cluster has a GPU")
     args = p.parse_args(argv)

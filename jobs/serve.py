@@ -22,6 +22,7 @@ from ray import serve
 
 from actors.server import OpenAIServer
 from laten_ray import entry
+from laten_ray.ray_session import ray_session, requested_address
 from laten_ray.serve.openai import ServeLimits
 
 APP_KEYS = {"model", "name", "engine", "dtype", "device", "max_model_len", "num_cpus", "num_gpus", "limits",
@@ -53,13 +54,9 @@ def build_app(args: dict):
         asdict(limits), float(stuck_after_s))
 
 
-def deploy(settings: dict, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> tuple[str, dict]:
-    """Start (or join) Ray, deploy the app; its base URL and what the replica runs (engine,
+def deploy(app, host: str = "127.0.0.1", port: int = 8000) -> tuple[str, dict]:
+    """Deploy the app on the connected cluster; its base URL and what the replica runs (engine,
     fallback reason). An engine that cannot run the model is a ValueError naming it."""
-    import ray
-    app = build_app(settings)  # settings checked before Ray starts
-    if not ray.is_initialized():
-        ray.init(address=address, namespace="laten-serve", log_to_driver=True)
     serve.start(http_options={"host": host, "port": port})
     try:
         handle = serve.run(app, name="laten", route_prefix="/")
@@ -86,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-cpus", type=float, default=1.0)
     p.add_argument("--num-gpus", type=float, default=0.0)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: the job's, or a new local one)")
+    p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, which a "
+                   "job has; else a private local one, stopped with the server)")
     p.add_argument("--stuck-after-s", type=float, default=120.0,
                    help="health fails (and Ray Serve replaces the replica) after this long with work and no token")
     limits = p.add_argument_group("request limits (checked before any tokenization; over one: 413 or 400 naming it)")
@@ -103,17 +101,24 @@ def run(args) -> int:
                 "device": args.device, "max_model_len": args.max_model_len, "num_cpus": args.num_cpus,
                 "num_gpus": args.num_gpus, "stuck_after_s": args.stuck_after_s,
                 "limits": {k: getattr(args, f"limit_{k}") for k in asdict(ServeLimits())}}
-    url, running = deploy(settings, args.host, args.port, args.address)
-    fallback = f" ({running['fallback']})" if running["fallback"] else ""
-    print(f"serving {args.name or args.model} with engine {running['engine']}{fallback} at {url} "
-          "(POST /completions, /chat/completions; GET /models, /health)", flush=True)
-    if args.detach:
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
+    app = build_app(settings)  # settings checked before Ray starts
+    if args.detach and requested_address(args.address) == "local":
+        raise ValueError("serve: --detach leaves the app on a cluster that outlives this command; give it one "
+                         "with --address ADDR or $RAY_ADDRESS (a job has it), e.g. after `ray start --head`")
+    # the replica's and Serve's own logs (one line per request) stay in Ray's log folder
+    with ray_session(args.address, "laten-serve", log_to_driver=False):
+        url, running = deploy(app, args.host, args.port)
+        if running["fallback"]:
+            print(f"laten serve: {running['fallback']}; serving with transformers instead", file=sys.stderr, flush=True)
+        print(f"serving {args.name or args.model} with engine {running['engine']} at {url} "
+              "(POST /completions, /chat/completions; GET /models, /health)", flush=True)
+        if args.detach:
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
     return 0
 
 

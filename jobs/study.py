@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from laten_ray import entry
+from laten_ray.ray_session import ray_session
 
 STATES = ("queued", "running", "done", "failed")
 
@@ -49,15 +50,12 @@ def slots(study) -> int:
 
 def run_study(study, address: str | None = None, log=print) -> Path:
     """Build and evaluate every unit not done yet, then write the report; returns the study folder."""
-    import ray
     import yaml
 
-    from actors.evaluator import EvaluatorActor
     from jobs.train import absolute_output_dir
     from laten_ray import checkpoint as ckpt
-    from laten_ray.study.arms import ARMS
     from laten_ray.study.report import write_report
-    from laten_ray.study.units import build_unit, plan, write_plan
+    from laten_ray.study.units import plan, write_plan
 
     study.output_dir = str(absolute_output_dir(study.output_dir))
     study_dir = study.study_dir
@@ -66,10 +64,27 @@ def run_study(study, address: str | None = None, log=print) -> Path:
     units = plan(study)
     write_plan(study, units)
     log(f"study folder: {study_dir} ({len(units)} units: {', '.join(u.label for u in units)})")
-    entry.set_process_defaults()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, namespace=f"laten-study-{study.name}", log_to_driver=True)
+    with ray_session(address, f"laten-study-{study.name}", log):
+        states = _run_units(study, units, log)
+    failed = [label for label, s in states.items() if s == "failed"]
+    report = write_report(study_dir)
+    log(report["table"])
+    log(f"report: {study_dir / 'report.md'}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} unit(s) failed: {', '.join(failed)}; their rows are missing from "
+                           f"the report. Fix the cause and run the study again: finished units are kept")
+    return study_dir
+
+
+def _run_units(study, units, log) -> dict[str, str]:
+    """Build and evaluate the units on the cluster, as many at once as fit; their final states."""
+    import ray
+
+    from actors.evaluator import EvaluatorActor
+    from laten_ray.study.arms import ARMS
+    from laten_ray.study.units import build_unit
+
+    study_dir = study.study_dir
     cache = {"LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
     r = study.ray
     build = ray.remote(build_unit).options(
@@ -152,23 +167,16 @@ def run_study(study, address: str | None = None, log=print) -> Path:
                 ray.kill(actor)
                 states[u.label] = "done"
                 lo, hi = result["ci95"]
+                note = f" ({result['engine_fallback']}; evaluated with transformers)" \
+                    if result.get("engine_fallback") else ""
                 say(u, f"{result['metric']} {result['value']:.4f} (95% CI {lo:.4f}-{hi:.4f}) on "
-                       f"{result['examples']} items in {result['seconds']:.1f}s")
+                       f"{result['examples']} items in {result['seconds']:.1f}s{note}")
         gauges.show(states)
     finally:
         for _, _, actor in flights.values():
             if actor is not None:
                 ray.kill(actor)
-        if started:  # a caller in this process must not find a cluster left behind
-            ray.shutdown()
-    failed = [label for label, s in states.items() if s == "failed"]
-    report = write_report(study_dir)
-    log(report["table"])
-    log(f"report: {study_dir / 'report.md'}")
-    if failed:
-        raise RuntimeError(f"{len(failed)} unit(s) failed: {', '.join(failed)}; their rows are missing from "
-                           f"the report. Fix the cause and run the study again: finished units are kept")
-    return study_dir
+    return states
 
 
 def _short(e: Exception) -> str:
@@ -179,8 +187,8 @@ def _short(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.study", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--address", default=None, help="the Ray cluster (default: $RAY_ADDRESS, a running local "
-                   "one, or a new one; `local`: always a new one)")
+    p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, which a "
+                   "job has; else a private local one, stopped at the end)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
     args = p.parse_args(argv)
 

@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 
 from laten_ray import entry
+from laten_ray.ray_session import ray_session
 
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 600  # a restarted actor reloads its model
@@ -150,10 +151,8 @@ class Pipeline:
 
 
 def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
-    """Run the whole training job on a Ray cluster (started locally when there is none)."""
-    import ray
-    from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError
-
+    """Run the whole training job on a Ray cluster: the one at `address` or $RAY_ADDRESS, else a
+    private local one (laten_ray/ray_session.py)."""
     from laten_ray.arch import shape_of
     from laten_ray.models import read_model_config
     from laten_ray.train import prepare_run_dir
@@ -161,10 +160,16 @@ def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
     resolve_output_dir(cfg)
     run_dir = prepare_run_dir(cfg)  # a clash with an earlier run's config fails here, before Ray
     d_source = shape_of(read_model_config(cfg.source.model)).hidden
-    entry.set_process_defaults()
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=f"laten-{cfg.name}", log_to_driver=True)
-    print(f"run folder: {run_dir}", flush=True)
+    with ray_session(address, f"laten-{cfg.name}"):
+        print(f"run folder: {run_dir}", flush=True)
+        _train_pipeline(cfg, d_source, on_step or (lambda m: None))
+    return run_dir
+
+
+def _train_pipeline(cfg, d_source: int, on_step) -> None:
+    """The steps on the actors, through restarts of either, until the last one is done."""
+    from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError
+
     pipeline = Pipeline(cfg, d_source)
     recoveries = 0
     limit = 2 * cfg.ray.max_restarts  # each actor may use all of its restarts
@@ -174,7 +179,7 @@ def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
             print(f"resuming at step {done + 1}/{pipeline.total}", flush=True)
         while True:
             try:
-                pipeline.run(done, on_step or (lambda m: None))
+                pipeline.run(done, on_step)
                 break
             except (RayActorError, ObjectLostError, OwnerDiedError) as e:
                 recoveries += 1
@@ -187,7 +192,6 @@ def train_on_ray(cfg, address: str | None = None, on_step=None) -> Path:
                 print(f"resuming at step {done + 1}/{pipeline.total}", flush=True)
     finally:
         pipeline.close()
-    return run_dir
 
 
 def progress_line(m: dict) -> str:
@@ -199,7 +203,7 @@ def progress_line(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: the job's or a new local one)")
+    p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, which a job has; else a private local one)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 ray.lookahead=4")
     args = p.parse_args(argv)
 

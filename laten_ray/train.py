@@ -260,10 +260,12 @@ class TargetTraining:
 
 
 # The sections that do not change what training computes; a resumed run may differ in them.
-# (attribution does: its batching moves scores in the last bits, see group_of.)
-_FREE_SECTIONS = ("merge", "ray")
+# (attribution does: its batching moves scores in the last bits, see group_of.) The folder is
+# the run, so where it is (name, output_dir) is not compared either.
+_FREE_SECTIONS = ("merge", "ray", "name", "output_dir")
 # Nor do these keys: the score cache returns the very bits attribution computes.
 _FREE_KEYS = (("attribution", "cache"),)
+IDENTITY = "identity.json"
 
 
 def _compared(tree: dict) -> dict:
@@ -275,19 +277,50 @@ def _compared(tree: dict) -> dict:
     return out
 
 
+def run_identity(cfg: Config) -> dict:
+    """What a resumed run must repeat, independent of how paths are spelled: the compared config
+    with each model given by its files and each data spec by its records (a job's working
+    directory is a fresh copy every time, so the same file has a new path in each job)."""
+    from .fingerprint import data_fingerprint, model_fingerprint
+    tree = _compared(cfg.to_dict())
+    for role in ("source", "target"):
+        fp = model_fingerprint(tree[role]["model"])
+        tree[role] = {**tree[role], "model": {"config": fp["config"], "weights": fp["weights"]}}
+    tree["data"] = {**tree["data"], **{k: data_fingerprint(tree["data"][k])["sha256"] for k in ("align", "extract")}}
+    return json.loads(json.dumps(tree))  # as read back from the file: lists, not tuples
+
+
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run folder, or check that an existing one was started with the same config."""
+    """Create the run folder, or check that an existing one was started with the same config,
+    wherever it is and however its paths were spelled (relative, absolute, through a link,
+    from `laten train`, `laten train --ray` or a job)."""
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    current = _compared(cfg.to_dict())
-    if saved.is_file() and ckpt.checkpoint_steps(run_dir):
-        before = _compared(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-        if before != current:
+    current = run_identity(cfg)
+    if ckpt.checkpoint_steps(run_dir):
+        before = _saved_identity(run_dir, cfg)
+        if before is not None and before != current:
             diff = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
             raise ConfigError(f"run folder {run_dir} holds checkpoints of a different config "
                               f"(differs in: {', '.join(diff)}); change `name` or remove the folder")
-    ckpt.save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), saved)
+    ckpt.save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+    ckpt.save_text(json.dumps(current, indent=1, sort_keys=True), run_dir / IDENTITY)
     return run_dir
+
+
+def _saved_identity(run_dir: Path, cfg: Config) -> dict | None:
+    """The identity a run folder was started with: its identity.json, or for a folder of an
+    earlier release its config.yaml (data and models compared as spelled there)."""
+    if (run_dir / IDENTITY).is_file():
+        return json.loads((run_dir / IDENTITY).read_text(encoding="utf-8"))
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    from .config import config_from_dict
+    try:
+        return run_identity(config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}))
+    except Exception as e:  # noqa: BLE001 - a folder whose models or data are gone cannot be checked
+        raise ConfigError(f"run folder {run_dir} was started with a config whose models or data cannot be "
+                          f"read now ({e}); change `name` or remove the folder") from None
 
 
 def format_progress(m: dict) -> str:

@@ -162,15 +162,17 @@ def test_vllm_that_cannot_fit_falls_back_or_fails_clearly(tmp_path, capsys):
     model = str(long_context_model(tmp_path))
     data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:2])
     tight = {"max_tokens": 8, "kv_cache_gb": 1e-6}  # not even one sequence fits
-    with pytest.raises(ValueError, match=r"engine vllm could not start: one sequence of \d+ tokens needs .* GiB of KV "
-                                         r"cache but .* GiB is allowed \(--kv-cache-gb, or fewer --max-tokens"):
+    with pytest.raises(ValueError, match=r"engine vllm: vLLM cannot run .* \(at start: ValueError: one sequence of \d+ "
+                                         r"tokens needs .* GiB of KV cache but .* GiB is allowed \(--kv-cache-gb, or "
+                                         r"fewer --max-tokens.*; its output is in .*vllm.log"):
         evaluate(model, "gsm8k", str(data), tmp_path / "a", {**tight, "engine": "vllm"}, progress=False)
     summary = evaluate(model, "gsm8k", str(data), tmp_path / "b", {**tight, "engine": "auto"}, progress=False)
-    assert summary["engine"] == "hf"
-    assert "vLLM could not start (one sequence of" in capsys.readouterr().err
+    assert summary["engine"] == "hf" and "(at start: ValueError: one sequence of" in summary["engine_fallback"]
+    err = capsys.readouterr().err
+    assert "(at start: ValueError: one sequence of" in err and "; using transformers instead" in err
     done = run_laten("evaluate", "--model", model, "--task", "gsm8k", "--data", str(data), "--out", str(tmp_path / "c"),
                      "--engine", "vllm", "--max-tokens", "8", "--kv-cache-gb", "0.000001")
-    assert done.returncode == 2 and "laten: error: engine vllm could not start" in done.stderr, done.stderr
+    assert done.returncode == 2 and "laten: error: engine vllm: vLLM cannot run" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..data import chat_prompt
+from .fallback import EngineLog, log_path
 
 
 @dataclass
@@ -72,6 +74,7 @@ def prompt_text(user: str) -> str:
 
 class HFEngine:
     name = "hf"
+    fallback: str | None = None  # why vLLM was not used, when `auto` fell back
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", batch_size: int = 16):
         from ..models import load_model, load_tokenizer, pick_device
@@ -230,8 +233,11 @@ class VLLMEngine:
         return out
 
     def close(self) -> None:
-        """Stop vLLM's engine process now rather than at interpreter exit."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop vLLM's engine process now rather than at interpreter exit (a dead one too)."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - an engine that died has nothing left to stop
+            pass
 
     def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
         from vllm.inputs import TokensPrompt
@@ -240,25 +246,87 @@ class VLLMEngine:
         return [[o.text for o in r.outputs] for r in results]
 
 
-def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto",
-                need: int | None = None, kv_cache_gb: float | None = None, batch_size: int = 16):
-    """`vllm`, `hf`, or `auto`: vLLM when it is installed and can start for sequences of `need`
-    tokens, else transformers, saying why. With `vllm`, a vLLM that cannot start is a
-    ValueError naming the cause and the setting to change."""
-    if use_vllm(engine):
+class FirstResultGuard:
+    """vLLM until it has produced a result. A failure before that (its engine dying at the first
+    real batch, which some models do on some backends) hands the work to transformers when
+    `engine` is auto, or stops with one line when it is vllm; after that, failures are errors
+    like any other."""
+
+    def __init__(self, engine: VLLMEngine, start_transformers, fail):
+        self.current, self.start_transformers, self.fail = engine, start_transformers, fail
+        self.settled = False
+
+    name = property(lambda self: self.current.name)
+    tokenizer = property(lambda self: self.current.tokenizer)
+    max_len = property(lambda self: self.current.max_len)
+    fallback = property(lambda self: getattr(self.current, "fallback", None))
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.current.encode(text, special)
+
+    def generate_ids(self, prompts: list[list[int]], s: Sampling) -> list[list[str]]:
+        return self._first("generate_ids", prompts, s)
+
+    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        return self._first("loglikelihoods", pairs)
+
+    def close(self) -> None:
+        getattr(self.current, "close", lambda: None)()
+
+    def _first(self, method: str, *args):
+        if self.settled:
+            return getattr(self.current, method)(*args)
         try:
-            return VLLMEngine(model, dtype, device, **plan_vllm(model, dtype, device, need, kv_cache_gb))
-        except Exception as e:  # noqa: BLE001 - vLLM's start fails in many ways; each is reported
-            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            if engine == "vllm":
-                raise ValueError(f"engine vllm could not start: {cause}") from None
-            print(f"laten: vLLM could not start ({cause}); evaluating with transformers", file=sys.stderr, flush=True)
-    return HFEngine(model, dtype, device, batch_size)
+            out = getattr(self.current, method)(*args)
+        except Exception as e:  # noqa: BLE001 - any failure before the first result is vLLM's
+            reason = self.fail(e, "at its first generation")
+            self.close()
+            self.current = self.start_transformers()
+            self.current.fallback = reason
+            out = getattr(self.current, method)(*args)
+        self.settled = True
+        return out
 
 
-def engine_from_settings(model: str, settings: dict, need: int | None = None):
+def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto",
+                need: int | None = None, kv_cache_gb: float | None = None, batch_size: int = 16,
+                log_dir: str | Path | None = None, say=None):
+    """`vllm`, `hf`, or `auto`: vLLM when it is installed and runs the model for sequences of
+    `need` tokens, else transformers. vLLM's own output goes to `log_dir/vllm.log`. Any vLLM
+    failure before its first result (at start, or at the first batch) is told in one line
+    naming the cause and the log: with `auto` through `say` (default: stderr), and the work goes
+    on with transformers; with `vllm` as a ValueError."""
+    if not use_vllm(engine):
+        return HFEngine(model, dtype, device, batch_size)
+    log = EngineLog(log_path(log_dir, "evaluate"))
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def fail(e: BaseException, when: str) -> str:
+        reason = log.explain(e, when, model)
+        if engine == "vllm":
+            raise ValueError(f"engine vllm: {reason}") from None
+        say(f"laten: {reason}; using transformers instead")
+        return reason
+
+    def transformers() -> HFEngine:
+        return HFEngine(model, dtype, device, batch_size)
+
+    try:
+        plan = plan_vllm(model, dtype, device, need, kv_cache_gb)
+        with log.captured():
+            first = VLLMEngine(model, dtype, device, **plan)
+    except Exception as e:  # noqa: BLE001 - vLLM's start fails in many ways; each is told
+        reason = fail(e, "at start")
+        hf = transformers()
+        hf.fallback = reason
+        return hf
+    return FirstResultGuard(first, transformers, fail)
+
+
+def engine_from_settings(model: str, settings: dict, need: int | None = None, log_dir: str | Path | None = None,
+                         say=None):
     """The engine that evaluation settings (`engine`, `dtype`, `device`, `batch_size`,
-    `kv_cache_gb`) ask for, for sequences of up to `need` tokens."""
+    `kv_cache_gb`) ask for, for sequences of up to `need` tokens; vLLM's output in `log_dir`."""
     return make_engine(model, settings.get("engine", "auto"), settings.get("dtype", "float32"),
                        settings.get("device", "auto"), need, settings.get("kv_cache_gb"),
-                       settings.get("batch_size", 16))
+                       settings.get("batch_size", 16), log_dir, say)

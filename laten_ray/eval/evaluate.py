@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -200,9 +201,10 @@ def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: di
 
 
 def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: dict | None = None,
-             limit: int | None = None, engine=None, progress: bool = True, keep_engine: bool = False):
+             limit: int | None = None, engine=None, progress: bool = True, keep_engine: bool = False, say=None):
     """Evaluate and write the results; returns the summary (and the engine, with `keep_engine`,
-    for the next evaluation). `engine`: an already built one."""
+    for the next evaluation). `engine`: an already built one. `say`: where the one line goes
+    when vLLM cannot run the model (default stderr; the summary records it as `engine_fallback`)."""
     from tqdm import tqdm
     settings = dict(settings or {})
     task = get_task(task_name)
@@ -223,7 +225,8 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     need = 8 if choice else sampling.max_tokens  # choice: a letter's tokens, and the one token vLLM generates
     tokenizer, context = (engine.tokenizer, engine.max_len) if engine else (load_tokenizer(model), context_of(model))
     texts, kept, longest = prompts_for(task_name, items, protocol, pool, tokenizer, context, need, data)
-    eng = engine or engine_from_settings(model, settings, longest + need)  # vLLM sized for these prompts
+    say = say or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar
+    eng = engine or engine_from_settings(model, settings, longest + need, out, say)  # vLLM sized for these prompts
     special = protocol.special_tokens
     limits = Limits(timeout_s=float(settings.get("timeout_s", 10.0)))
     chunk = int(settings.get("chunk", 64))
@@ -248,12 +251,14 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
             log.flush()
             os.fsync(log.fileno())
             records.extend(new)
+            bar.set_description(f"{task_name} [{eng.name}]")  # after a fallback: transformers
             bar.update(len(new))
             bar.set_postfix_str(f"score {sum(sum(r['correct']) / len(r['correct']) for r in records) / len(records):.3f}")
     bar.close()
     summary = write_results(out, task_name, items, records, ks, {
         "model": str(model), "data": str(data), "limit": limit, "engine": eng.name, "protocol": about_protocol,
-        "sampling": dataclasses.asdict(sampling), "seconds": time.perf_counter() - t0})
+        "sampling": dataclasses.asdict(sampling), "seconds": time.perf_counter() - t0,
+        **({"engine_fallback": eng.fallback} if getattr(eng, "fallback", None) else {})})
     partial.unlink(missing_ok=True)
     return (summary, eng) if keep_engine else summary
 

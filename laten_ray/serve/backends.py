@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from ..eval.engines import Sampling, next_tokens, use_vllm, vllm_sampling
+from ..eval.fallback import EngineLog, log_path
 
 
 class EngineUnavailable(RuntimeError):
@@ -178,7 +178,10 @@ class VLLMBackend(Backend):
         return self.engine.errored
 
     def close(self) -> None:
-        self.engine.shutdown()
+        try:
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001 - an engine that died has nothing left to stop
+            pass
 
     async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int]]:
         from vllm.inputs import TokensPrompt
@@ -204,28 +207,25 @@ def engine_dead(e: BaseException) -> bool:
 
 async def start_backend(model: str, engine: str = "auto", dtype: str = "float32", device: str = "auto",
                         max_model_len: int | None = None):
-    """The backend `engine` asks for, checked with one generated token. `vllm` that cannot run
-    the model is EngineUnavailable; `auto` then falls back to transformers, saying why."""
+    """The backend `engine` asks for, checked with one generated token. vLLM's own output goes to
+    a log file (laten_ray/eval/fallback.py); `vllm` that cannot run the model is EngineUnavailable
+    naming the cause and the log; `auto` then falls back to transformers and `fallback` says why."""
+    fallback = None
     if use_vllm(engine):
+        log = EngineLog(log_path(None, "serve"))
+        backend, when = None, "at start"
         try:
-            backend = VLLMBackend(model, dtype, device, max_model_len)
-        except Exception as e:  # noqa: BLE001 - vLLM's start fails in many ways; each is reported
-            backend, cause = None, (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        if backend is not None:
-            try:
-                await backend.warm_up()
-                return backend
-            except Exception as e:  # noqa: BLE001
-                cause = ("its first generation killed the engine (vLLM's own error is in the log above)"
-                         if engine_dead(e) else f"its first generation failed: {e}")
+            with log.captured():
+                backend = VLLMBackend(model, dtype, device, max_model_len)
+            when = "at its one-token check"
+            await backend.warm_up()
+            return backend
+        except Exception as e:  # noqa: BLE001 - vLLM fails in many ways; each is told in one line
+            fallback = log.explain(e, when, model)
+            if backend is not None:
                 backend.close()
         if engine == "vllm":
-            raise EngineUnavailable(f"engine vllm cannot run {model}: {cause}")
-        print(f"laten serve: vLLM cannot run {model}: {cause}; serving with transformers instead",
-              file=sys.stderr, flush=True)
-        fallback = f"vLLM cannot run this model: {cause}"
-    else:
-        fallback = None
+            raise EngineUnavailable(fallback)
     backend = HFBackend(model, dtype, device, max_model_len)
     await backend.warm_up()
     backend.fallback = fallback

@@ -15,8 +15,6 @@ that is evaluated like every other arm. The registry is open: `register(arm)` ad
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
 import json
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
+from ..fingerprint import data_fingerprint, model_fingerprint
 from ..locate import Located
 from ..records import read_records
 
@@ -55,37 +54,6 @@ class Arm:
         {"model": its folder relative to `folder`, or a spec with "as_is": True,
          "metrics": a metrics.jsonl relative to `folder`, or None}."""
         raise NotImplementedError
-
-
-# --- fingerprints: what the keys hold for models and data -----------------------------------
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@functools.cache  # a study asks for each many times
-def model_fingerprint(spec: str) -> dict:
-    """A model by its spec, its config.json's hash and its weight files' names and sizes (a
-    folder's weights are not read whole: a 13B model would take minutes)."""
-    from ..models import resolve
-    folder = resolve(spec)
-    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
-                     if p.suffix in (".safetensors", ".bin", ".pt"))
-    return {"spec": spec, "config": file_digest(folder / "config.json"), "weights": weights}
-
-
-@functools.cache
-def data_fingerprint(spec: str) -> dict:
-    """A data spec and the sha256 of its records as read (any kind of spec), with their count."""
-    h, n = hashlib.sha256(), 0
-    for _, record in read_records(spec):
-        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
-        n += 1
-    return {"spec": spec, "sha256": h.hexdigest(), "records": n}
 
 
 def run_key(study, seed: int) -> dict:
@@ -340,7 +308,8 @@ def source_answers(study, examples: dict, path: Path) -> dict[str, str]:
     tokenizer = load_tokenizer(study.source.model)
     ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in prompts.values()]  # as training encodes
     settings = {"engine": study.engine, "dtype": study.source.dtype, "device": study.source.device}
-    eng = engine_from_settings(study.source.model, settings, max(map(len, ids)) + study.distill.max_tokens)
+    eng = engine_from_settings(study.source.model, settings, max(map(len, ids)) + study.distill.max_tokens,
+                               log_dir=path.parent)  # a fallback's line is in this build's log
     generated = eng.generate_ids(ids, Sampling(max_tokens=study.distill.max_tokens, stop=list(TURN_STOPS)))
     getattr(eng, "close", lambda: None)()
     answers = {label: gens[0].strip() for label, gens in zip(prompts, generated)}
