@@ -53,7 +53,8 @@ def _merge(args) -> None:
         raise ValueError("merge: give --run DIR (a run folder) or --config FILE, not both")
     config = args.config or Path(args.run) / "config.yaml"
     if args.run and not Path(config).is_file():
-        raise FileNotFoundError(f"--run {args.run}: no config.yaml there (is it a run folder?)")
+        from laten_ray.hints import merged_folder_given, nearby
+        raise FileNotFoundError(f"--run: {merged_folder_given(args.run) or f'{args.run!r} is not a run folder (no config.yaml there)' + nearby(args.run)}")
     cfg = load_checked(config, args.overrides)
     if args.run:  # the folder as it is now, wherever it was when the run started
         run = Path(args.run).resolve()
@@ -188,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     n = sub.add_parser("analyze", add_help=False, help="representation and parametric similarity of the pair, neuron "
                        "overlap, for a pair or a study (laten analyze --help lists its options)")
     n.add_argument("options", nargs=argparse.REMAINDER)
+    p.commands = sub.choices
     return p
 
 
@@ -201,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         return analyze_main(argv[1:], prog="laten analyze")
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.command != "arm":
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # `laten arm NAME --config ... key=value`: the overrides after the options
-        args.words += extra
+    command = p.commands[args.command]  # its usage line, not the whole command's
+    if args.command == "arm":  # `laten arm NAME --config ... key=value`: the overrides after the options
+        args.words += [w for w in extra if not w.startswith("--")]
+        extra = [w for w in extra if w.startswith("--")]
+    if extra:
+        command.error(entry.unknown_options(args.command, argv, extra))
     return entry.run(lambda: args.handler(args))
 
 

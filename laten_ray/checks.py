@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arch import shape_of
-from .config import Config, ConfigError, config_from_dict, load_config
+from .config import DATA_KEYS, Config, ConfigError, config_from_dict, read_tree
 from .locate import neuron_counts
 from .models import check_spec, read_model_config
 from .records import DataError, check_spec as check_data_spec
@@ -14,11 +14,9 @@ from .records import DataError, check_spec as check_data_spec
 
 def load_checked(path: str | Path, overrides: list[str] = ()) -> Config:
     """load_config, then the checks of models and data; errors name the file and key."""
-    cfg = load_config(path, overrides)
-    try:
-        return check_inputs(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    tree, origins = read_tree(path, overrides, DATA_KEYS)
+    with origins.naming(path):
+        return check_inputs(config_from_dict(tree))
 
 
 def checked_from_dict(tree: dict) -> Config:

@@ -7,6 +7,7 @@ import os
 import re
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def _coerce(value, tp, key: str):
         return _coerce(value, inner[0], key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            hint = f"; a list is written in brackets, e.g. '{key}=[{value}]' (quoted on the command line, so the " \
+                "shell keeps it one word)" if isinstance(value, str) else ""
+            raise ConfigError(f"{key}: expected a list, got {value!r}{hint}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -183,10 +186,14 @@ def _build(cls, data, prefix: str = ""):
     return cls(**kwargs)
 
 
+LIST_HINT = "a list on the command line is quoted so the shell keeps it one word, e.g. 'arms=[target, laten]'"
+
+
 def _set_override(tree: dict, item: str) -> None:
     """Apply `a.b=value` to the raw mapping; the value is read as YAML (so 3, 0.1, true, [a, b])."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value")
+        hint = f"; {LIST_HINT} (the shell split it at a space)" if item.rstrip().endswith(("]", "}")) else ""
+        raise ConfigError(f"override {item!r} is not key=value{hint}")
     dotted, raw = item.split("=", 1)
     keys = dotted.strip().split(".")
     node = tree
@@ -197,7 +204,8 @@ def _set_override(tree: dict, item: str) -> None:
     try:
         node[keys[-1]] = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        hint = f"; {LIST_HINT}" if raw.lstrip().startswith(("[", "{")) else ""
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({' '.join(str(e).split())}){hint}") from None
 
 
 def anchored(spec, base: Path):
@@ -216,13 +224,54 @@ def _anchor(tree: dict, base: Path, keys) -> None:
             node[key] = anchored(node[key], base)
 
 
-def read_tree(path: str | Path, overrides: list[str], data_keys, what: str = "config file") -> dict:
-    """A YAML config as plain data with `key=value` overrides applied. The (section, key) data
-    file specs in `data_keys` are anchored at the config file, or at the working directory
-    when an override names them."""
-    path = Path(path)
+BASE_KEY = "base"  # a config names the file it overrides: `base: paper-llama2.yaml`
+_KEY_IN_MESSAGE = re.compile(r"^(?:unknown key '([^']+)'|([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\[\d+\])?:)")
+
+
+class Origins(dict):
+    """Where each value of a config tree came from: (key, ...) -> a file, or an override."""
+
+    def record(self, tree, where: str, prefix: tuple = ()) -> None:
+        for key, value in tree.items():
+            self[(*prefix, key)] = where
+            if isinstance(value, dict):
+                self.record(value, where, (*prefix, key))
+
+    def of(self, message: str) -> str | None:
+        """The origin of the key an error message starts with (`train.lr: ...`,
+        `unknown key 'train.lrr'`): the deepest recorded part of it."""
+        m = _KEY_IN_MESSAGE.match(message)
+        if not m:
+            return None
+        parts = tuple((m.group(1) or m.group(2)).split("."))
+        for n in range(len(parts), 0, -1):
+            if parts[:n] in self:
+                return self[parts[:n]]
+        return None
+
+    @contextmanager
+    def naming(self, path):
+        """Re-raise a ConfigError with the file (or override) its key came from in front."""
+        try:
+            yield
+        except ConfigError as e:
+            raise ConfigError(f"{self.of(str(e)) or path}: {e}") from None
+
+
+def _merged(under: dict, over: dict) -> dict:
+    """`over` on top of `under`: mappings merge key by key, anything else is replaced."""
+    out = dict(under)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_file(path: Path, what: str, data_keys, chain: tuple = ()) -> tuple[dict, Origins]:
+    """One config file and the bases it names, merged; each file's relative data paths are
+    anchored at that file."""
     if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} not found")
+        from .hints import nearby
+        raise ConfigError(f"{what} {str(path)!r} not found{nearby(path)}")
     try:
         tree = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -230,23 +279,45 @@ def read_tree(path: str | Path, overrides: list[str], data_keys, what: str = "co
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     _anchor(tree, path.resolve().parent, data_keys)
+    label = " (base of ".join([str(path), *map(str, reversed(chain))]) + ")" * len(chain)
+    base = tree.pop(BASE_KEY, None)
+    own, origins = Origins(), Origins()
+    own.record(tree, label)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{label}: {BASE_KEY}: expected the file this config overrides, got {base!r}")
+        base_path = Path(os.path.normpath(path.parent / base))
+        if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+            raise ConfigError(f"{label}: {BASE_KEY}: {base!r} leads back to itself")
+        under, origins = _read_file(base_path, f"{path}: {BASE_KEY}:", data_keys, (*chain, path))
+        tree = _merged(under, tree)
+    origins.update(own)
+    return tree, origins
+
+
+def read_tree(path: str | Path, overrides: list[str], data_keys, what: str = "config file") -> tuple[dict, Origins]:
+    """A YAML config as plain data, with the bases it names (`base: FILE`, relative to it) under
+    it and `key=value` overrides on top; and where each value came from. The (section, key)
+    data file specs in `data_keys` are anchored at the file that gives them, or at the working
+    directory when an override does."""
+    tree, origins = _read_file(Path(path), what, data_keys)
     for item in overrides:
         _set_override(tree, item)
+        dotted = tuple(item.split("=", 1)[0].strip().split("."))
+        origins.record({dotted[-1]: None}, f"override {item!r}", dotted[:-1])
     overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides}
     _anchor(tree, Path.cwd(), [k for k in data_keys if k in overridden])
-    return tree
+    return tree, origins
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override, type-check and check the values of a config; raises ConfigError naming
-    the file and key. Relative data files are anchored at the config file, or at the working
-    directory when an override names them."""
-    tree = read_tree(path, overrides, DATA_KEYS)
-    try:
+    the file (or override) and key. Relative data files are anchored at the config file that
+    gives them, or at the working directory when an override does."""
+    tree, origins = read_tree(path, overrides, DATA_KEYS)
+    with origins.naming(path):
         cfg = _build(Config, tree)
         validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 
@@ -325,8 +396,9 @@ def _check_ray(cfg: Config) -> None:
                           f"{', '.join(STRATEGIES)}")
     for role in ("source", "target"):
         a: ActorConfig = getattr(r, role)
-        if a.num_cpus < 0 or (a.num_gpus is not None and a.num_gpus < 0):
-            raise ConfigError(f"ray.{role}: num_cpus and num_gpus must not be negative")
+        for key, value in (("num_cpus", a.num_cpus), ("num_gpus", a.num_gpus)):
+            if value is not None and value < 0:
+                raise ConfigError(f"ray.{role}.{key}: must not be negative, got {value}")
     if r.transport in ("nccl", "cuda_ipc"):
         for role in ("source", "target"):
             if not getattr(cfg, role).device.startswith("cuda"):

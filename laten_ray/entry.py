@@ -31,6 +31,24 @@ def worker_env(num_cpus: float | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def unknown_options(command: str | None, argv: list[str], extra: list[str]) -> str:
+    """The error for words argparse did not know: for a config value given as an option
+    (`--lr 1e-3`) the key=value it should be (laten_ray/hints.py)."""
+    from .hints import option_as_override
+    options = [w for w in extra if w.startswith("--")]
+    hint = option_as_override(command, argv, options) if command and options else None
+    return hint or f"unrecognized arguments: {' '.join(extra)}"
+
+
+def parse_args(p, argv: list[str] | None, command: str | None = None):
+    """p.parse_args, with unknown_options' message for what it does not know."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        p.error(unknown_options(command, argv, extra))
+    return args
+
+
 def set_process_defaults() -> None:
     """Environment defaults (an explicit setting wins) and quiet library progress bars."""
     for key, value in ENV_DEFAULTS.items():

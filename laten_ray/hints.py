@@ -48,21 +48,21 @@ def folder_kind(path: str | Path) -> str | None:
     return None
 
 
-def not_a_model(spec: str) -> str:
-    """Why a folder given as a model is not one, when it is a run folder."""
-    if folder_kind(spec) == "run":
-        merged = Path(spec) / "merged"
-        then = f" and give {str(merged)!r}" if merged.is_dir() else f" (laten merge --run {spec}), then give {merged}"
-        return f"; {spec!r} is a LaTen run folder, not a model: merge it{then}"
-    return nearby(spec)
+def run_folder_given(spec: str) -> str | None:
+    """The message for a run folder given where a model is expected, or None if it is not one."""
+    if folder_kind(spec) != "run":
+        return None
+    merged = Path(spec) / "merged"
+    then = f"give {str(merged)!r}" if merged.is_dir() else f"merge it first (laten merge --run {spec}), then give {merged}"
+    return f"{spec!r} is a LaTen run folder, not a model: {then}"
 
 
-def not_a_run(folder: str) -> str:
-    """Why a folder given as a run folder is not one, when it is a merged model."""
-    if folder_kind(folder) == "merged":
-        return (f"; {folder!r} is a merged model folder, not a run folder: its run is "
-                f"{str(Path(folder).parent)!r} (merge takes the run; evaluate, serve and analyze take the merged folder)")
-    return nearby(folder)
+def merged_folder_given(folder: str) -> str | None:
+    """The message for a merged model folder given where a run folder is expected, or None."""
+    if folder_kind(folder) != "merged":
+        return None
+    return (f"{folder!r} is a merged model folder, not a run folder: its run is {str(Path(folder).parent)!r} "
+            "(merge takes the run folder; evaluate, serve and analyze take the merged one)")
 
 
 def config_keys_named(leaf: str, schema, prefix: str = "") -> list[str]:
@@ -78,19 +78,30 @@ def config_keys_named(leaf: str, schema, prefix: str = "") -> list[str]:
     return found
 
 
-def option_as_override(extra: list[str], schemas: dict[str, type]) -> str | None:
-    """For `--lr 1e-3` given to a command whose settings are key=value overrides: the message
-    that says `train.lr=1e-3`. `schemas`: key prefix -> dataclass of the config's sections."""
-    for i, word in enumerate(extra):
+def _schemas(command: str) -> list[tuple[str, type, tuple | None]]:
+    """(key prefix, dataclass, allowed first parts) of the settings a command's overrides set."""
+    from .config import Config
+    if command in ("study", "arm"):
+        from .study.config import LATEN_SECTIONS, StudyConfig
+        return [("", StudyConfig, None), ("laten.", Config, LATEN_SECTIONS)]
+    return [("", Config, None)]
+
+
+def option_as_override(command: str, argv: list[str], unknown: list[str]) -> str | None:
+    """For `--lr 1e-3` given to a command whose settings are key=value overrides: a message
+    that says `train.lr=1e-3` (every key of that name), or None when no key has that name."""
+    for word in unknown:
         if not word.startswith("--"):
             continue
         name, _, value = word[2:].partition("=")
-        if not value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            value = extra[i + 1]
-        keys = [k for prefix, schema in schemas.items()
-                for k in config_keys_named(name.replace("-", "_"), schema, prefix)]
+        at = argv.index(word) if word in argv else -1
+        if not value and 0 <= at < len(argv) - 1 and not argv[at + 1].startswith("-"):
+            value = argv[at + 1]
+        keys = [prefix + k for prefix, schema, first in _schemas(command)
+                for k in config_keys_named(name.replace("-", "_"), schema)
+                if first is None or k.split(".")[0] in first]
         if keys:
             shown = " or ".join(f"{k}={value or 'VALUE'}" for k in keys)
-            return (f"unrecognized option {word.split('=')[0]}: config values are given as key=value "
-                    f"overrides after the options, e.g. {shown}")
+            return (f"unrecognized option --{name}: a config value is given as key=value after the "
+                    f"options: {shown}")
     return None

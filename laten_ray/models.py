@@ -8,6 +8,7 @@ import torch
 
 from .builtin import tiny
 from .config import DTYPES
+from .hints import nearby, run_folder_given
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
@@ -19,7 +20,8 @@ def check_spec(spec: str) -> None:
             names = ", ".join(f"tiny:{n}" for n in tiny.NAMES)
             raise ValueError(f"unknown tiny model {spec!r}; presets: {names}")
     elif not tiny.is_model_folder(spec):
-        raise FileNotFoundError(f"model folder {spec!r} not found (no config.json there)")
+        raise FileNotFoundError(run_folder_given(spec) or
+                                f"model folder {spec!r} not found (no config.json there){nearby(spec)}")
 
 
 def resolve(spec: str) -> Path:

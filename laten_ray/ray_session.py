@@ -10,6 +10,7 @@ with Ray's minute-long retries and traces.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import threading
@@ -73,6 +74,10 @@ def ray_session(address: str | None, namespace: str, log=None, log_to_driver: bo
         return
     wanted = requested_address(address)
     private = wanted == "local"
+    source = "--address" if address else "$RAY_ADDRESS"
+    if not private and not _answers(wanted):
+        raise ClusterError(f"could not join the Ray cluster at {wanted} ({source}): nothing answers there; start one "
+                           "(`ray start --head`), fix the address, or leave it out to run on a private local cluster")
     try:
         if private:
             info = ray.init(address="local", namespace=namespace, log_to_driver=log_to_driver,
@@ -80,10 +85,11 @@ def ray_session(address: str | None, namespace: str, log=None, log_to_driver: bo
         else:
             info = ray.init(address=wanted, namespace=namespace, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        source = "--address" if address else "$RAY_ADDRESS"
         raise ClusterError(f"could not join the Ray cluster at {wanted} ({source}): "
                               f"{_first_line(e)}; start one (`ray start --head`), fix the address, "
                               "or leave it out to run on a private local cluster") from None
+    if not log_to_driver:
+        _quiet_cluster_errors()
     gcs = ray.get_runtime_context().gcs_address
     label = f"at {gcs}" + (" (the private one this command started)" if private else "")
     if log is not None:
@@ -97,6 +103,30 @@ def ray_session(address: str | None, namespace: str, log=None, log_to_driver: bo
     finally:
         watchdog.stopped.set()
         ray.shutdown()  # a joined cluster keeps running; a private one stops with its driver
+
+
+def _quiet_cluster_errors() -> None:
+    """Keep the cluster-wide error messages that Ray's driver copies to this terminal (a
+    stopping autoscaler's trace, other jobs' failures) out of it: a command that leaves its
+    workers' output in Ray's log folder leaves those there too. Ray has no option for it; its
+    error-listening thread prints through this module-level function, which nothing else here
+    uses once log_to_driver is off."""
+    import ray
+    if hasattr(ray._private.worker, "print_to_stdstream"):
+        ray._private.worker.print_to_stdstream = lambda *args, **kwargs: None
+
+
+def _answers(address: str) -> bool:
+    """Whether a HOST:PORT address accepts a connection within seconds (Ray itself retries for
+    minutes); other forms (auto, ray://, a dashboard URL) are left to Ray."""
+    m = re.fullmatch(r"([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d+)", address)
+    if not m:
+        return True
+    try:
+        with socket.create_connection((m.group(1).strip("[]"), int(m.group(2))), timeout=5.0):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(e: BaseException) -> str:

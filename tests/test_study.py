@@ -59,7 +59,7 @@ def test_a_bad_study_config_fails_before_any_model_loads_naming_the_key(tmp_path
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert cli(["study", "--config", DEMO, f"output_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("laten: error: ") and message in err and "study-demo.yaml" in err, err
+    assert err.startswith(f"laten: error: override {override!r}: ") and message in err, err  # where it came from
     assert not (tmp_path / "demo").exists()
 
 

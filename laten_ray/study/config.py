@@ -101,11 +101,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read, override and check a study config (no model is loaded); ConfigError names the file
     and key. Relative data files are anchored at the config file, or at the working directory
     when an override names them."""
-    tree = read_tree(path, overrides, [("task", k) for k in DATA_KEYS], "study config")
-    try:
+    tree, origins = read_tree(path, overrides, [("task", k) for k in DATA_KEYS], "study config")
+    with origins.naming(path):
         return study_from_dict(tree)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def study_from_dict(tree: dict) -> StudyConfig:
@@ -181,8 +179,8 @@ def check_study(study: StudyConfig) -> None:
         raise ConfigError(str(e).replace("data.align", "task.align").replace("data.extract", "task.extract")
                           .replace("transfer.", "laten.transfer.").replace("merge.", "laten.merge.")) from None
     k = study.seeking
-    if k.seed_examples < 1 or k.rank < 1 or k.epochs < 1:
-        raise ConfigError(f"seeking: seed_examples, rank and epochs must be at least 1, got {k}")
+    _each("seeking", {"seed_examples": k.seed_examples, "rank": k.rank, "epochs": k.epochs},
+          lambda v: v >= 1, "must be at least 1")
     if k.data != "laten":
         try:
             check_spec(k.data)
@@ -191,10 +189,13 @@ def check_study(study: StudyConfig) -> None:
     if study.distill.max_tokens < 1:
         raise ConfigError(f"distill.max_tokens: must be at least 1, got {study.distill.max_tokens}")
     s, r = study.sft, study.ray
-    if s.rank < 1 or s.alpha <= 0 or s.lr <= 0 or not 0 <= s.dropout < 1 or not s.modules:
-        raise ConfigError(f"sft: rank >= 1, alpha > 0, lr > 0, 0 <= dropout < 1 and modules needed, got {s}")
-    if min(r.num_cpus, r.num_gpus, r.eval_num_cpus, r.eval_num_gpus) < 0 or (r.parallel is not None and r.parallel < 1):
-        raise ConfigError(f"ray: resources must not be negative and parallel must be at least 1, got {r}")
+    _each("sft", {"rank": s.rank}, lambda v: v >= 1, "must be at least 1")
+    _each("sft", {"alpha": s.alpha, "lr": s.lr}, lambda v: v > 0, "must be positive")
+    _each("sft", {"dropout": s.dropout}, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _each("sft", {"modules": s.modules}, bool, "must name at least one module")
+    _each("ray", {k: getattr(r, k) for k in ("num_cpus", "num_gpus", "eval_num_cpus", "eval_num_gpus")},
+          lambda v: v >= 0, "must not be negative")
+    _each("ray", {"parallel": r.parallel}, lambda v: v is None or v >= 1, "must be at least 1")
 
 
 def _check_seeds(seeds) -> None:
@@ -211,3 +212,10 @@ def _check_seeds(seeds) -> None:
             raise ConfigError(f"seeds[{i}]: expected a non-negative int, got {s!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {seeds} repeats a seed")
+
+
+def _each(section: str, values: dict, ok, problem: str) -> None:
+    """ConfigError naming the first `section.key` whose value is not `ok`."""
+    for key, value in values.items():
+        if not ok(value):
+            raise ConfigError(f"{section}.{key}: {problem}, got {value!r}")
