@@ -206,3 +206,50 @@ def test_vllm_sizes_its_context_from_the_task_not_the_models_declared_one(tmp_pa
         assert v["loglikelihoods"] == pytest.approx(h["loglikelihoods"], abs=1e-3)
     assert [r["generations"] for r in records("vg")] == [r["generations"] for r in records("hg")]
     assert generated["engine"] == "vllm"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_vllm_that_dies_at_the_first_batch_is_one_line_then_transformers(tmp_path):
+    """The demo pair's target (head_dim 24) starts in vLLM's CPU build, whose engine then dies at
+    the first generation: `auto` goes on with transformers after one line naming the root cause
+    and the log; `vllm` stops with that line."""
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (pip install -e '.[cpu]')")
+    out = tmp_path / "auto"
+    done = run_laten("evaluate", "--model", "tiny:demo-target", "--task", "demo", "--data", "demo:test", "--limit", "8",
+                     "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "vLLM" in line]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert said[0].startswith("laten: vLLM cannot run tiny:demo-target (at its first generation: RuntimeError: "
+                              "Unsupported CPU attention configuration: head_dim=24"), said
+    assert said[0].endswith(f"its output is in {out / 'vllm.log'}; using transformers instead")
+    assert "Traceback" not in done.stdout + done.stderr and "INFO" not in done.stdout + done.stderr
+    assert "demo: accuracy" in done.stdout and "on 8 examples with hf" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "hf" and summary["engine_fallback"].startswith("vLLM cannot run tiny:demo-target")
+    assert "--- laten: vLLM failed at its first generation ---" in (out / "vllm.log").read_text()
+
+    done = run_laten("evaluate", "--model", "tiny:demo-target", "--task", "demo", "--data", "demo:test", "--limit", "8",
+                     "--out", str(tmp_path / "strict"), "--engine", "vllm", env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "laten: error: engine vllm: vLLM cannot run tiny:demo-target (at its first generation: RuntimeError: "
+        "Unsupported CPU attention configuration"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "strict" / "summary.json").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_study_with_engine_auto_tells_each_fallback_once(tmp_path):
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (pip install -e '.[cpu]')")
+    env = {"OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = run_laten("study", "--config", "configs/study-demo.yaml", f"output_dir={tmp_path}", "arms=[target]",
+                     "seeds=1", "engine=auto", "task.limit=8", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    told = [line for line in (done.stdout + done.stderr).splitlines() if "vLLM cannot run" in line]
+    assert len(told) == 1 and "target: accuracy" in told[0] and "evaluated with transformers" in told[0], told
+    assert "Traceback" not in done.stdout + done.stderr

@@ -235,7 +235,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     todo = [i for i, item in enumerate(items) if item.id not in done]
     bar = tqdm(total=len(items), initial=len(records), desc=f"{task_name} [{eng.name}]", disable=not progress,
                dynamic_ncols=True)
-    with open(partial, "a", encoding="utf-8") as log:
+    with bar, open(partial, "a", encoding="utf-8") as log:  # the bar is closed before any error is shown
         if not partial.stat().st_size:
             log.write(json.dumps({"identity": identity}) + "\n")
         for first in range(0, len(todo), chunk):
@@ -254,7 +254,6 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
             bar.set_description(f"{task_name} [{eng.name}]")  # after a fallback: transformers
             bar.update(len(new))
             bar.set_postfix_str(f"score {sum(sum(r['correct']) / len(r['correct']) for r in records) / len(records):.3f}")
-    bar.close()
     summary = write_results(out, task_name, items, records, ks, {
         "model": str(model), "data": str(data), "limit": limit, "engine": eng.name, "protocol": about_protocol,
         "sampling": dataclasses.asdict(sampling), "seconds": time.perf_counter() - t0,
