@@ -34,9 +34,14 @@ def worker_env(num_cpus: float | None = None, **extra: str) -> dict[str, str]:
 def unknown_options(command: str | None, argv: list[str], extra: list[str]) -> str:
     """The error for words argparse did not know: for a config value given as an option
     (`--lr 1e-3`) the key=value it should be (laten_ray/hints.py)."""
+    from .config import Config
     from .hints import option_as_override
+    schemas = [("", Config, None)]
+    if command in ("study", "arm"):  # a study's own keys, and LaTen's under `laten.`
+        from .study.config import LATEN_SECTIONS, StudyConfig
+        schemas = [("", StudyConfig, None), ("laten.", Config, LATEN_SECTIONS)]
     options = [w for w in extra if w.startswith("--")]
-    hint = option_as_override(command, argv, options) if command and options else None
+    hint = option_as_override(schemas, argv, options) if command and options else None
     return hint or f"unrecognized arguments: {' '.join(extra)}"
 
 

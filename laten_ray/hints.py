@@ -78,18 +78,10 @@ def config_keys_named(leaf: str, schema, prefix: str = "") -> list[str]:
     return found
 
 
-def _schemas(command: str) -> list[tuple[str, type, tuple | None]]:
-    """(key prefix, dataclass, allowed first parts) of the settings a command's overrides set."""
-    from .config import Config
-    if command in ("study", "arm"):
-        from .study.config import LATEN_SECTIONS, StudyConfig
-        return [("", StudyConfig, None), ("laten.", Config, LATEN_SECTIONS)]
-    return [("", Config, None)]
-
-
-def option_as_override(command: str, argv: list[str], unknown: list[str]) -> str | None:
+def option_as_override(schemas: list[tuple[str, type, tuple | None]], argv: list[str], unknown: list[str]) -> str | None:
     """For `--lr 1e-3` given to a command whose settings are key=value overrides: a message
-    that says `train.lr=1e-3` (every key of that name), or None when no key has that name."""
+    that says `train.lr=1e-3` (every key of that name), or None when no key has that name.
+    `schemas`: (key prefix, dataclass of the settings, allowed first parts or None)."""
     for word in unknown:
         if not word.startswith("--"):
             continue
@@ -97,7 +89,7 @@ def option_as_override(command: str, argv: list[str], unknown: list[str]) -> str
         at = argv.index(word) if word in argv else -1
         if not value and 0 <= at < len(argv) - 1 and not argv[at + 1].startswith("-"):
             value = argv[at + 1]
-        keys = [prefix + k for prefix, schema, first in _schemas(command)
+        keys = [prefix + k for prefix, schema, first in schemas
                 for k in config_keys_named(name.replace("-", "_"), schema)
                 if first is None or k.split(".")[0] in first]
         if keys:
