@@ -7,7 +7,8 @@ tokenization; JSON parsing and tokenization run on a worker thread, off the even
 answers everyone else; a client that disconnects cancels its request, and the backends stop
 its generation; the health check fails when the engine is dead or stuck, so Ray Serve replaces
 the replica, and until then generation answers 503, not 500."""
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI 0.137+ under Ray Serve's class-based ingress
+# does not resolve a string annotation (`request: HttpRequest`) and takes the parameter for a query field.
 
 import asyncio
 import json

@@ -98,6 +98,32 @@ def test_run_folder_with_another_config_is_refused(tmp_path):
         train(config_from_dict(tiny_config_dict("llama", tmp_path, steps=1, lr=5e-4)))
 
 
+def test_a_run_folder_is_the_same_run_however_its_paths_are_spelled(tmp_path, monkeypatch):
+    """Relative or absolute, through a symlink, with its data file named another way (as a job's
+    fresh copy of the working directory names it): the run resumes. Other data is refused."""
+    import shutil
+    from laten_ray.builtin.demo import write_split
+    from laten_ray.train import prepare_run_dir
+    monkeypatch.chdir(tmp_path)
+    data = write_split("align", tmp_path / "copy-1")
+    tree = tiny_config_dict("llama", "runs", steps=1)
+    tree["data"]["align"] = "copy-1/demo_align.jsonl"
+    train(config_from_dict(tree))  # relative paths, from the working directory
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    (tmp_path / "copy-2").mkdir()
+    shutil.copy(data, tmp_path / "copy-2" / "demo_align.jsonl")
+    again = {**tree, "output_dir": str(tmp_path / "link"), "train": {**tree["train"], "steps": 2},
+             "data": {**tree["data"], "align": str(tmp_path / "copy-2" / "demo_align.jsonl")}}
+    with pytest.raises(ConfigError, match="differs in: train"):  # the step count is part of the run
+        prepare_run_dir(config_from_dict(again))
+    again["train"]["steps"] = 1
+    run_dir = train(config_from_dict(again))
+    assert ckpt.checkpoint_steps(run_dir) == [1] and run_dir.resolve() == (tmp_path / "runs" / "llama-run")
+    (tmp_path / "copy-2" / "demo_align.jsonl").write_text(data.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ConfigError, match="differs in: data"):
+        prepare_run_dir(config_from_dict(again))
+
+
 def test_align_sample_depends_only_on_seed_and_step():
     assert align_sample(64, 15, 0, 3) == align_sample(64, 15, 0, 3)
     assert align_sample(64, 15, 0, 3) != align_sample(64, 15, 0, 4)
