@@ -54,7 +54,8 @@ def _merge(args) -> None:
     config = args.config or Path(args.run) / "config.yaml"
     if args.run and not Path(config).is_file():
         from laten_ray.hints import merged_folder_given, nearby
-        raise FileNotFoundError(f"--run: {merged_folder_given(args.run) or f'{args.run!r} is not a run folder (no config.yaml there)' + nearby(args.run)}")
+        why = merged_folder_given(args.run) or f"{args.run!r} is not a run folder (no config.yaml there){nearby(args.run)}"
+        raise FileNotFoundError(f"--run: {why}")
     cfg = load_checked(config, args.overrides)
     if args.run:  # the folder as it is now, wherever it was when the run started
         run = Path(args.run).resolve()

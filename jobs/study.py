@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, which a "
                    "job has; else a private local one, stopped at the end)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
-    args = entry.parse_args(p, argv, 'study')
+    args = entry.parse_args(p, argv, "study")
 
     def run() -> None:
         from laten_ray.study.config import load_study

@@ -203,9 +203,10 @@ def progress_line(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS, which a job has; else a private local one)")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, which a job has; else a private local one)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 ray.lookahead=4")
-    args = entry.parse_args(p, argv, 'train')
+    args = entry.parse_args(p, argv, "train")
 
     def run() -> None:
         from laten_ray.checks import load_checked

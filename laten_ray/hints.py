@@ -78,7 +78,8 @@ def config_keys_named(leaf: str, schema, prefix: str = "") -> list[str]:
     return found
 
 
-def option_as_override(schemas: list[tuple[str, type, tuple | None]], argv: list[str], unknown: list[str]) -> str | None:
+def option_as_override(schemas: list[tuple[str, type, tuple | None]], argv: list[str],
+                       unknown: list[str]) -> str | None:
     """For `--lr 1e-3` given to a command whose settings are key=value overrides: a message
     that says `train.lr=1e-3` (every key of that name), or None when no key has that name.
     `schemas`: (key prefix, dataclass of the settings, allowed first parts or None)."""
