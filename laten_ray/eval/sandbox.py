@@ -29,10 +29,10 @@ kills the sandbox over the budget: a polling bound, which can overshoot by what 
 between two polls. Outcome.budget says which one bounded a run;
 a program over the memory budget fails with "memory budget of N MB exceeded (...)".
 
-The verdict is the judge's (judge.py): the solution, then the tests, run to their end in
-fresh namespaces, reported on a pipe with a per-run secret. Exit status and output are never
-the verdict, so sys.exit(0), os._exit(0), exit hooks, tracing, patched builtins and rigged
-__eq__ all fail.
+The verdict is the judge's (judge.py): two processes, the solution alone in one, the tests
+and the item's own helpers in the other, joined by a channel that carries plain data only;
+PASS is the test process returning from the tests, written on a pipe only it holds. Exit
+status and output are never the verdict, and nothing the solution does reaches the tests.
 """
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INIT = Path(__file__).with_name("sandbox_init.py")
-JUDGE = Path(__file__).with_name("judge.py")
+JUDGE_FILES = ("judge.py", "plain.py")  # the judge's code, beside the solution and loaded by the tests
 SETUP_FAILED, TIMED_OUT = 125, 124
-FIRST_UID = 100_000  # sandbox slot i runs as uid FIRST_UID + i (as root)
+FIRST_UID = 100_000  # as root, sandbox slot i runs its solution as uid FIRST_UID + i
+TEST_UIDS = 50_000   # and its tests as uid FIRST_UID + TEST_UIDS + i
 CGROUP_PREFIX = "laten-sandbox-"
 POLLING = "polling"
 
@@ -78,8 +79,10 @@ class Limits:
 @dataclass(frozen=True)
 class Program:
     solution: str
-    tests: str = ""                        # run after the solution, in a copy of its namespace
-    entry_points: tuple[str, ...] = ()     # the function under test first: its results must be plain data
+    tests: str = ""                        # run in the test process once the solution has run to its end
+    entry_points: tuple[str, ...] = ()     # the names the tests call, the function under test first
+    helpers: str = ""                      # the item's own code the tests may use (trusted: its prompt,
+                                           # or the classes of its reference), run before the tests
 
 
 @dataclass
@@ -244,13 +247,11 @@ def _remove_cgroup(folders: list[Path]) -> None:
                 time.sleep(0.01)
 
 
-def _verdict(raw: bytes, secret: bytes) -> tuple[bool, str] | None:
-    """(passed, reason) from the judge's line with this run's secret; None if there is none."""
-    for line in raw.splitlines():
-        word, _, rest = line.partition(b" ")
-        token, _, reason = rest.partition(b" ")
-        if token == secret and word in (b"PASS", b"FAIL"):
-            return word == b"PASS", reason.decode("utf-8", "replace")
+def _verdict(raw: bytes) -> tuple[bool, str] | None:
+    """(passed, reason) from the test process's line; None if there is none."""
+    word, _, reason = raw.partition(b"\n")[0].partition(b" ")
+    if word in (b"PASS", b"FAIL"):
+        return word == b"PASS", reason.decode("utf-8", "replace")
     return None
 
 
@@ -267,37 +268,40 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
     if isinstance(program, str):
         program = Program(program)
     as_root = os.geteuid() == 0
-    secret = secrets.token_hex(16).encode()
     with tempfile.TemporaryDirectory(prefix="laten-sandbox-") as tmp:
         workdir, out, err, root = Path(tmp, "work"), Path(tmp, "stdout"), Path(tmp, "stderr"), Path(tmp, "root")
         workdir.mkdir()
         root.mkdir()
-        secret_r, secret_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
-        os.write(secret_w, secret + b"\n")
-        os.close(secret_w)
-        (workdir / "judge.py").write_bytes(JUDGE.read_bytes())
+        for name in JUDGE_FILES:
+            (workdir / name).write_bytes(Path(__file__).with_name(name).read_bytes())
         (workdir / "solution.py").write_text(program.solution, encoding="utf-8")
-        (workdir / "tests.py").write_text(program.tests, encoding="utf-8")
+        job = Path(tmp, "job.json")  # outside the working directory: the solution never sees the tests
+        job.write_text(json.dumps({"tests": program.tests, "helpers": program.helpers,
+                                   "calls": list(program.entry_points)}), encoding="utf-8")
         error_file = Path(tmp, "setup-error")
         spec = {"workdir": str(workdir), "root": str(root), "visible": list(visible_paths()),
                 "error_file": str(error_file), "python": interpreter(), "as_root": as_root,
-                "uid": FIRST_UID + slot, "timeout_s": limits.timeout_s, "cpu_s": limits.cpu_s,
-                "memory_mb": limits.memory_mb, "processes": limits.processes,
-                "file_mb": limits.file_mb, "disk_mb": limits.disk_mb, "pass_fds": [secret_r, verdict_w],
-                "judge_args": [str(secret_r), str(verdict_w), *program.entry_points]}
+                "uid": FIRST_UID + slot, "test_uid": FIRST_UID + TEST_UIDS + slot, "timeout_s": limits.timeout_s,
+                "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "processes": limits.processes,
+                "file_mb": limits.file_mb, "disk_mb": limits.disk_mb, "job": str(job), "judge": str(INIT.parent),
+                "verdict_fd": verdict_w, "pass_fds": [verdict_w]}
         cgroup = _make_cgroup(limits)  # removed in the finally below, whatever happens
         budget = cgroup[0] if cgroup else POLLING
         spec.update(cgroups=[str(p) for p in cgroup[1]] if cgroup else [], poll_memory=cgroup is None)
         t0 = time.monotonic()
         try:
             with open(out, "wb") as fo, open(err, "wb") as fe:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", str(INIT), json.dumps(spec)],
-                                        stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=tmp,
-                                        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                        start_new_session=True, pass_fds=(secret_r, verdict_w))
-                os.close(secret_r)
-                os.close(verdict_w)
+                # the interpreter of the programs: the test process runs on in it, in the minimal root
+                try:
+                    proc = subprocess.Popen([interpreter(), "-I", "-S", str(INIT), json.dumps(spec)],
+                                            stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=tmp,
+                                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                            start_new_session=True, pass_fds=(verdict_w,))
+                except OSError as e:
+                    raise SandboxUnavailable(f"sandbox: setup failed: cannot start {interpreter()}: {e}") from None
+                finally:
+                    os.close(verdict_w)
                 try:
                     code = proc.wait(timeout=limits.timeout_s + 10)  # init enforces the limit itself
                 except subprocess.TimeoutExpired:
@@ -312,9 +316,9 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
         seconds = time.monotonic() - t0
         setup_error = error_file.read_text() if error_file.is_file() else ""
         over_memory = over_memory or setup_error.startswith("memory budget")  # the poll's note
-        if code == SETUP_FAILED and setup_error and not over_memory:
+        if setup_error and not over_memory:  # only the sandbox's own setup writes this file
             raise SandboxUnavailable(f"sandbox: {setup_error}")
-        verdict = _verdict(raw, secret)
+        verdict = _verdict(raw)
         if over_memory:  # whatever the judge saw: some process of the program was killed
             status, detail = "failed", f"memory budget of {limits.memory_mb} MB exceeded ({budget})"
         elif code == TIMED_OUT:

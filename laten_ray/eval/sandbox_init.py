@@ -1,5 +1,6 @@
 """Runs inside the sandbox's process (see sandbox.py): enters fresh Linux namespaces, moves into
-a minimal root, sets limits, drops privileges, then execs `python -I judge.py`.
+a minimal root, sets limits, drops privileges, then runs the two processes of the judge
+(judge.py): the solution process and the test process.
 
     python -I -S sandbox_init.py SPEC_JSON
 
@@ -9,21 +10,31 @@ Stdlib only, since it runs with -I -S. Steps:
 2. fork: the child is PID 1 of the new PID namespace, so when it ends, every process it left
    (a fork bomb) is killed by the kernel; this parent only waits, enforces the wall clock and
    relays the exit status.
-3. in the child: a new root on an empty tmpfs holding only the interpreter's files (read-only
+3. in the child: read the job (the tests and the item's helpers) and load the judge (judge.py,
+   plain.py) into memory, then a new root on an empty tmpfs holding only the interpreter's files (read-only
    binds of the paths the host lists), /dev/null, zero, random and urandom, an empty /tmp and
-   /dev/shm, and a small tmpfs as the working directory /sandbox; pivot_root into it and drop
-   the old root, so the project's files, the benchmarks and /proc are out of sight. Then resource
-   limits, then no privileges (an unprivileged uid as root, no capabilities otherwise), then
-   the seccomp filter below (it survives execve), then exec the judge.
+   /dev/shm, and a small tmpfs as the working directory /sandbox holding solution.py and the
+   judge's two files; pivot_root into it and drop the old root, so the project's files, the tests, the
+   benchmarks and /proc are out of sight.
+4. the solution process: forked into a PID namespace of its own (it can name no other
+   process), with only its two ends of the channel besides stdin, stdout and stderr; its own
+   uid (as root), resource limits, no privileges, the seccomp filter below, then exec
+   `python -I -c SOLUTION_MAIN NAME...` (judge.solution_main on descriptors 3 and 4). A fresh
+   image: nothing of this process's memory (the tests) survives the exec.
+5. the test process is this child itself, PID 1: not dumpable, another uid (as root), the same
+   limits and filter; it runs the tests in this interpreter (judge.run_tests) and writes the
+   verdict on the one descriptor that no other process holds.
 
 Whole-program budget: where the host made a cgroup for the run (spec "cgroups"), this process
 joins it first, before anything else, so everything it starts is inside: the kernel bounds the
 memory and the processes of all of them together. Otherwise (spec "poll_memory") the waiting
 parent polls every POLL_S seconds the anonymous resident memory (RssAnon; pages shared after a
 fork count in each process) of the child and all its descendants and kills the sandbox when the
-sum passes memory_mb. That bound is a poll: it can overshoot by what the program allocates
-between two polls; its files in /sandbox, /tmp and /dev/shm (tmpfs, each of a fixed size) and
-kernel buffers (pipes, sockets) are bounded by their own limits, not by the poll.
+sum passes memory_mb, counting with it the most that the kernel buffers of their open pipes and
+sockets can hold (each once), and setting aside up front room for the descriptors they may
+have in flight (RLIMIT_NOFILE of them). That bound is a poll: it can overshoot by what the
+program allocates between two polls; its files in /sandbox, /tmp and /dev/shm (tmpfs, each of a
+fixed size) are bounded by their own sizes.
 
 The seccomp filter (plain classic BPF, built here with struct) refuses with EPERM:
 - the kernel keyrings (add_key, request_key, keyctl): a key outlives the program and a later
@@ -44,6 +55,8 @@ The seccomp filter (plain classic BPF, built here with struct) refuses with EPER
   defense in depth);
 - memfd_create, memfd_secret, SysV shmget and msgget: memory a process can hold without mapping
   it, which the fallback's poll would not see (POSIX shared memory lives in the small /dev/shm);
+- larger kernel buffers: setsockopt SO_SNDBUF, SO_RCVBUF and their FORCE forms, fcntl
+  F_SETPIPE_SZ; a socket keeps net.core.wmem_default and a pipe 16 pages, what the poll counts;
 - on x86_64, every x32 syscall number.
 clone3 gets ENOSYS, so glibc falls back to clone, whose flags the filter can read. A syscall
 of another ABI (i386 on x86_64, arm32 on aarch64) kills the process. Only x86_64 and aarch64
@@ -64,7 +77,7 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
-PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 24, 38
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 # statvfs flag -> mount flag: a bind mount in a user namespace must keep these when remounted
@@ -73,21 +86,27 @@ LOCKED_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS
 DEVICES = ("null", "zero", "random", "urandom")
 WORKDIR = "/sandbox"
 POLL_S = 0.02  # the fallback's memory poll
+NOFILE = 64    # open files of each process
+# the solution process's program: the judge's side of it, from the copies in its directory
+SOLUTION_MAIN = "import sys; sys.path[:0] = ['/sandbox']; import judge; judge.solution_main(3, 4, sys.argv[1:])"
 
 # seccomp: classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}
 LD_ABS, JEQ, JSET, AND, RET = 0x20, 0x15, 0x45, 0x54, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, ALU|AND|K, RET|K
-NR, ARCH, ARG0, ARG1 = 0, 4, 16, 24  # offsets; an arg's low 32 bits (little-endian): all the kernel reads of those checked
+NR, ARCH, ARG0, ARG1, ARG2 = 0, 4, 16, 24, 32  # offsets; an arg's low 32 bits (little-endian): all the kernel reads of those checked
 RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
 SECCOMP_MODE_FILTER, X32_BIT = 2, 0x40000000
 EPERM, ENOSYS = 1, 38
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC = 1, 0o4000, 0o2000000
+SOL_SOCKET, F_SETPIPE_SZ = 1, 1031
+BUFFER_OPTIONS = (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
 CLONE_NEWCGROUP, CLONE_NEWTIME = 0x02000000, 0x80
 NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
 # machine -> its AUDIT_ARCH_* and its column in SPECIAL and REFUSED
 ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
 # name: (x86_64, aarch64) numbers; None where the arch has no such syscall
 SPECIAL = {"socket": (41, 198), "socketpair": (53, 199), "unshare": (272, 97), "clone": (56, 220),
+           "setsockopt": (54, 208), "fcntl": (72, 25),
            "clone3": (435, 435)}
 REFUSED = {
     "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
@@ -179,9 +198,10 @@ def build_root(root: str, visible: list, disk_mb: int) -> None:
     os.chdir("/")
 
 
-def drop_privileges(as_root: bool, uid: int, workdir: str) -> None:
+def drop_privileges(as_root: bool, uid: int, workdir: str | None) -> None:
     if as_root:
-        os.chown(workdir, uid, uid)
+        if workdir:
+            os.chown(workdir, uid, uid)
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)  # an ordinary user: RLIMIT_NPROC applies, other users' processes are safe
@@ -212,7 +232,7 @@ def syscall_filter(machine: str) -> bytes:
         if number[name] is not None:
             emit(JEQ, number[name], yes="eperm")
     emit(JEQ, number["clone3"], yes="enosys")  # its flags sit in memory, out of the filter's sight
-    for name in ("socket", "socketpair", "unshare", "clone"):
+    for name in ("socket", "socketpair", "unshare", "clone", "setsockopt", "fcntl"):
         emit(JEQ, number[name], yes=name)
     emit(RET, RET_ALLOW)
     labels["socket"] = len(prog)
@@ -231,6 +251,16 @@ def syscall_filter(machine: str) -> bytes:
     labels["clone"] = len(prog)  # flags are arg 0 on x86_64 and aarch64
     emit(LD_ABS, ARG0)
     emit(JSET, NAMESPACES, yes="eperm", no="allow")
+    labels["setsockopt"] = len(prog)  # no bigger socket buffers: kernel memory the poll cannot see
+    emit(LD_ABS, ARG1)
+    emit(JEQ, SOL_SOCKET, no="allow")
+    emit(LD_ABS, ARG2)
+    for option in BUFFER_OPTIONS:
+        emit(JEQ, option, yes="eperm")
+    emit(RET, RET_ALLOW)
+    labels["fcntl"] = len(prog)  # no bigger pipes, likewise
+    emit(LD_ABS, ARG1)
+    emit(JEQ, F_SETPIPE_SZ, yes="eperm", no="allow")
     for name, value in (("allow", RET_ALLOW), ("eperm", RET_ERRNO | EPERM), ("enosys", RET_ERRNO | ENOSYS),
                         ("kill", RET_KILL_PROCESS)):
         labels[name] = len(prog)
@@ -258,28 +288,81 @@ def set_limits(spec: dict) -> None:
     mb = 1 << 20
     for which, value in ((resource.RLIMIT_CPU, spec["cpu_s"]), (resource.RLIMIT_AS, spec["memory_mb"] * mb),
                          (resource.RLIMIT_NPROC, spec["processes"]), (resource.RLIMIT_FSIZE, spec["file_mb"] * mb),
-                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+                         (resource.RLIMIT_NOFILE, NOFILE), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(which, (value, value))
 
 
+def load_judge(folder: str):
+    """plain.py and judge.py as modules of this interpreter: the test process's code."""
+    import importlib.util
+    for name in ("plain", "judge"):  # judge imports plain
+        module_spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(sys.modules[name])
+    return sys.modules["judge"]
+
+
 def child(spec: dict, report) -> None:
-    files = {}  # the judge, its job, the solution and the tests, carried into the new root
+    files = {}  # the solution and the judge, carried into the new root
     for name in os.listdir(spec["workdir"]):
         with open(os.path.join(spec["workdir"], name), "rb") as f:
             files[name] = f.read()
+    with open(spec["job"], encoding="utf-8") as f:
+        job = json.load(f)  # the tests: in this process's memory only, never in the new root
+    judge = load_judge(spec["judge"])
     build_root(spec["root"], spec["visible"], spec["disk_mb"])
     for name, data in files.items():
         with open(os.path.join(WORKDIR, name), "wb") as f:
             f.write(data)
     os.chdir(WORKDIR)
     os.setsid()  # its own process group: kill(0, ...) reaches nothing outside the sandbox
+    to_solution = os.pipe()    # read: the solution's descriptor 3; write: the tests'
+    from_solution = os.pipe()  # read: the tests'; write: the solution's descriptor 4
+    check(libc.unshare(CLONE_NEWPID), "unshare the solution's PID namespace")
+    pid = os.fork()
+    if pid == 0:
+        solution_process(spec, job, to_solution[0], from_solution[1])
+    os.close(to_solution[0])
+    os.close(from_solution[1])
+    test_process(spec, job, judge, report, pid, to_solution[1], from_solution[0])
+
+
+def solution_process(spec: dict, job: dict, channel_in: int, channel_out: int) -> None:
+    """Becomes the solution process: descriptors 0-2 and the channel as 3 and 4, nothing else."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    kept = (os.dup(channel_in), os.dup(channel_out))
+    os.dup2(kept[0], 3)
+    os.dup2(kept[1], 4)
     drop_privileges(spec["as_root"], spec["uid"], WORKDIR)
     set_limits(spec)
-    install_filter()  # last: from here on only execve is left to do
+    install_filter()
+    os.closerange(5, os.sysconf("SC_OPEN_MAX"))  # the verdict pipe, the setup report, the tests' ends
     env = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    # `report` closes on exec; the secret and verdict pipes (inheritable) stay open for the judge
-    os.execve(spec["python"], [spec["python"], "-I", "judge.py", *spec["judge_args"]], env)
+    try:
+        os.execve(spec["python"], [spec["python"], "-I", "-B", "-c", SOLUTION_MAIN, *job["calls"]], env)
+    except OSError as e:  # the report is closed: the tests see the channel close and fail
+        os.write(2, f"sandbox: cannot start the solution process: {e}\n".encode())
+        os._exit(125)
+
+
+def test_process(spec: dict, job: dict, judge, report, solution: int, into: int, out: int) -> None:
+    """This process becomes the test process: the tests, then the verdict, then the end of the
+    sandbox (PID 1 ending ends every process in it)."""
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace, no /proc/PID/mem, no core
+    drop_privileges(spec["as_root"], spec["test_uid"], None)
+    set_limits(spec)
+    install_filter()
+    report.close()
+    verdict = judge.run_tests(job, into, out)
+    os.write(spec["verdict_fd"], verdict.encode("utf-8", "replace")[:500] + b"\n")
+    os.close(into)  # the solution's read ends: it exits on its own, flushing its output
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and os.waitpid(solution, os.WNOHANG) == (0, 0):
+        time.sleep(0.005)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def read_at(proc: int, path: str) -> bytes:
@@ -290,16 +373,29 @@ def read_at(proc: int, path: str) -> bytes:
         os.close(fd)
 
 
-def anon_memory(proc: int, pid: int) -> int:
-    """Bytes of anonymous resident memory of `pid` and all its descendants, through the host's
-    /proc opened as `proc` (orphans in the PID namespace are re-parented to `pid`, so this is
-    every process of the sandbox)."""
-    total, stack, page = 0, [pid], os.sysconf("SC_PAGE_SIZE")
+def memory_in_use(proc: int, pid: int, buffers: dict[str, int]) -> int:
+    """Bytes the sandbox holds: the anonymous resident memory of `pid` and all its descendants,
+    through the host's /proc opened as `proc` (orphans in the PID namespace are re-parented to
+    `pid`, so this is every process of the sandbox), plus the most that the kernel buffers of
+    its open pipes and sockets can hold (`buffers`: kind -> bytes; each counted once, however
+    many processes share it)."""
+    total, stack, page, objects = 0, [pid], os.sysconf("SC_PAGE_SIZE"), set()
     while stack:
         p = stack.pop()
         try:
             _, resident, shared = read_at(proc, f"{p}/statm").split()[:3]
             total += (int(resident) - int(shared)) * page
+        except (OSError, ValueError):
+            continue  # it has just ended
+        try:  # (the test process is not dumpable: its descriptors, the judge's, are not listed)
+            fds = os.open(f"{p}/fd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=proc)
+            try:
+                objects.update(os.readlink(fd, dir_fd=fds) for fd in os.listdir(fds))  # pipe:[inode], ...
+            finally:
+                os.close(fds)
+        except OSError:
+            pass
+        try:
             tasks = os.open(f"{p}/task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=proc)
             try:
                 tids = os.listdir(tasks)
@@ -308,21 +404,37 @@ def anon_memory(proc: int, pid: int) -> int:
             for tid in tids:  # each thread has its own children
                 stack.extend(int(c) for c in read_at(proc, f"{p}/task/{tid}/children").split())
         except (OSError, ValueError):
-            pass  # it has just ended
-    return total
+            pass
+    return total + sum(buffers.get(o.split(":")[0], 0) for o in objects)
+
+
+def kernel_buffers(proc: int) -> dict[str, int]:
+    """The most one pipe and one socket can hold in kernel memory, as the filter leaves them
+    (no larger buffer can be asked for): a pipe its default 16 pages; a socket's send queue
+    net.core.wmem_default, which one more message can pass, so twice that (a connected
+    stream pair is all a program can make: the receiving side is charged to the sender)."""
+    try:
+        wmem = int(read_at(proc, "sys/net/core/wmem_default"))
+    except (OSError, ValueError):
+        wmem = 212992
+    return {"pipe": 16 * os.sysconf("SC_PAGE_SIZE"), "socket": 2 * wmem}
 
 
 def wait_polling(pid: int, proc: int, spec: dict, report) -> int:
-    """waitpid, checking the sandbox's memory every POLL_S seconds; over budget, kill it."""
+    """waitpid, checking the sandbox's memory every POLL_S seconds; over budget, kill it. The
+    descriptors a process may have in flight (passed over a socket, in no process's table) are
+    bounded by RLIMIT_NOFILE: their buffers are set aside from the budget up front."""
     try:
         pidfd = os.pidfd_open(pid)  # readable when the child ends: no wait for the next poll
     except (AttributeError, OSError):
         pidfd = None
+    buffers = kernel_buffers(proc)
+    budget = (spec["memory_mb"] << 20) - NOFILE * max(buffers.values())
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status
-        if anon_memory(proc, pid) > spec["memory_mb"] << 20:
+        if memory_in_use(proc, pid, buffers) > budget:
             report.write(f"memory budget of {spec['memory_mb']} MB exceeded (polling)")
             report.flush()
             os.kill(pid, signal.SIGKILL)

@@ -7,6 +7,7 @@ the program that `program` builds runs in the sandbox). Scores of every example 
 """
 from __future__ import annotations
 
+import ast
 import builtins
 import keyword
 import math
@@ -26,9 +27,11 @@ class Item:
     id: str
     prompt: str                # the user message
     gold: str = ""             # gsm8k: the number; mmlu: the letter; code: unused
-    tests: str = ""            # code: the test program appended to the solution
+    tests: str = ""            # code: the test program (the judge's test process runs it)
     code_prefix: str = ""      # humaneval: the function header the model completes
     entry_point: str = ""      # code: the function under test
+    helpers: str = ""          # code: the item's own code its tests may use (trusted): the prompt's
+                               # helper functions, the reference's classes
     extra: dict = field(default_factory=dict)
 
 
@@ -197,14 +200,14 @@ class HumanEval(Task):
         _need(r, ("task_id", "prompt", "test", "entry_point"), where)
         return Item(r["task_id"], CODE_PROMPT + r["prompt"],
                     tests=f"{r['test']}\n\ncheck({r['entry_point']})\n", code_prefix=r["prompt"],
-                    entry_point=r["entry_point"])
+                    entry_point=r["entry_point"], helpers=r["prompt"])
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, _ = _messages(r, where)
         _need(r, ("test", "entry_point"), f"{where} (a code example needs its tests)")
         return Item(str(r.get("task_id", r.get("id", where))), user,
                     tests=f"{r['test']}\n\ncheck({r['entry_point']})\n", code_prefix=r.get("prompt", ""),
-                    entry_point=r["entry_point"])
+                    entry_point=r["entry_point"], helpers=r.get("prompt", ""))
 
     def extract(self, generation: str, item: Item) -> str:
         code = code_of(generation)
@@ -213,11 +216,12 @@ class HumanEval(Task):
         return item.code_prefix + code  # a completion of the function body
 
     def program(self, solution: str, item: Item) -> Program:
-        """What the sandbox's judge runs: the solution, then the tests; the function under test
-        first among the entry points (its results must be plain data), then the other names the
-        tests call."""
+        """What the sandbox's judge runs: the solution in one process; the item's helpers and its
+        tests in the other, calling the function under test (first), and the other names the
+        tests call that the helpers do not define, over the channel."""
         return Program(solution, item.tests, tuple(dict.fromkeys(
-            [item.entry_point, *called_names(item.tests)] if item.entry_point else called_names(item.tests))))
+            [item.entry_point, *called_names(item.tests)] if item.entry_point else called_names(item.tests))),
+            item.helpers)
 
 
 class MBPP(HumanEval):
@@ -229,9 +233,10 @@ class MBPP(HumanEval):
         signature = mbpp_signature(r["code"])
         tests = "\n".join([r.get("test_setup_code", ""), *r["test_list"]]) + "\n"
         defined = re.findall(r"^\s*def\s+(\w+)", r["code"], re.MULTILINE)
-        tested = [n for n in called_names("\n".join(r["test_list"])) if n in defined]  # the reference's function the tests call
+        # the reference's function the tests call, whatever its name (`check`, a builtin's: `sum`)
+        tested = [n for n in called_names("\n".join(r["test_list"]), keep=defined) if n in defined]
         return Item(str(r["task_id"]), f"{CODE_PROMPT}{r['text']}\n{signature}",
-                    tests=tests, entry_point=tested[0] if tested else "")
+                    tests=tests, entry_point=tested[0] if tested else "", helpers=reference_classes(r["code"]))
 
     def from_messages(self, r: dict, where: str) -> Item:
         user, _ = _messages(r, where)
@@ -242,10 +247,22 @@ class MBPP(HumanEval):
         return code_of(generation)
 
 
-def called_names(code: str) -> list[str]:
-    """Names the code calls as plain functions (not methods, builtins or keywords), in order."""
+def reference_classes(code: str) -> str:
+    """The classes a reference solution defines, with its imports: what MBPP's tests build their
+    arguments from (a `Node` tree), as trusted code for the judge's test process."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return ""
+    kept = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.ClassDef))]
+    return "\n".join(ast.get_source_segment(code, n) for n in kept) + ("\n" if kept else "")
+
+
+def called_names(code: str, keep=()) -> list[str]:
+    """Names the code calls as plain functions (not methods, builtins or keywords, unless in
+    `keep`), in order."""
     names = re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", code)
-    skip = set(dir(builtins)) | set(keyword.kwlist) | {"check"}
+    skip = (set(dir(builtins)) | set(keyword.kwlist) | {"check"}) - set(keep)
     return list(dict.fromkeys(n for n in names if n not in skip))
 
 
