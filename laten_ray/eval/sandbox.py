@@ -47,6 +47,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -302,11 +303,14 @@ def run_program(program: Program | str, limits: Limits = Limits(), slot: int = 0
                     raise SandboxUnavailable(f"sandbox: setup failed: cannot start {interpreter()}: {e}") from None
                 finally:
                     os.close(verdict_w)
+                # init enforces the limit itself; this timer is the backstop. (A wait with a
+                # timeout polls, up to 50 ms late: a quarter of a trivial program's time.)
+                backstop = threading.Timer(limits.timeout_s + 10, proc.kill)
+                backstop.start()
                 try:
-                    code = proc.wait(timeout=limits.timeout_s + 10)  # init enforces the limit itself
-                except subprocess.TimeoutExpired:
-                    proc.kill()
                     code = proc.wait()
+                finally:
+                    backstop.cancel()
             raw = _read_available(verdict_r)
             over_memory, over_processes = _cgroup_events(*cgroup) if cgroup else (False, False)
         finally:

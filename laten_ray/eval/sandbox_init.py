@@ -324,7 +324,7 @@ def child(spec: dict, report) -> None:
         solution_process(spec, job, to_solution[0], from_solution[1])
     os.close(to_solution[0])
     os.close(from_solution[1])
-    test_process(spec, job, judge, report, pid, to_solution[1], from_solution[0])
+    test_process(spec, job, judge, report, to_solution[1], from_solution[0])
 
 
 def solution_process(spec: dict, job: dict, channel_in: int, channel_out: int) -> None:
@@ -346,7 +346,7 @@ def solution_process(spec: dict, job: dict, channel_in: int, channel_out: int) -
         os._exit(125)
 
 
-def test_process(spec: dict, job: dict, judge, report, solution: int, into: int, out: int) -> None:
+def test_process(spec: dict, job: dict, judge, report, into: int, out: int) -> None:
     """This process becomes the test process: the tests, then the verdict, then the end of the
     sandbox (PID 1 ending ends every process in it)."""
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace, no /proc/PID/mem, no core
@@ -356,11 +356,7 @@ def test_process(spec: dict, job: dict, judge, report, solution: int, into: int,
     report.close()
     verdict = judge.run_tests(job, into, out)
     os.write(spec["verdict_fd"], verdict.encode("utf-8", "replace")[:500] + b"\n")
-    os.close(into)  # the solution's read ends: it exits on its own, flushing its output
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and os.waitpid(solution, os.WNOHANG) == (0, 0):
-        time.sleep(0.005)
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # the solution flushed its own before each answer
         stream.flush()
     os._exit(0)
 
