@@ -93,6 +93,7 @@ NEW_CHEATS = {
     "looks for the tests in every file it can read": (
         "import os\nfound = []\n"
         "for d, _, files in os.walk('/'):\n"
+        "    if d.startswith(('/usr', '/lib')):\n        continue  # the interpreter's own files\n"
         "    for f in files:\n"
         "        try:\n"
         "            if 'def check' in open(os.path.join(d, f), errors='ignore').read(1 << 16):\n"
@@ -113,11 +114,12 @@ NEW_CHEATS = {
         "import collections\ncollections.UserList.__eq__ = lambda s, o: True\n"
         "class Always(list):\n    __eq__ = lambda s, o: True\n"
         "def {name}(*args, **kwargs):\n    return collections.UserList([Always()])\n"),
-    "kills or stops every process it can name": (
+    "stops and kills every process it can name": (
         "import os, signal\n"
-        "for pid in (1, 2, 3, os.getppid()):\n"
-        "    for sig in (signal.SIGSTOP, signal.SIGKILL):\n"
-        "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"),
+        "for sig in (signal.SIGSTOP, signal.SIGKILL):\n"
+        "    for send in (lambda: os.killpg(0, sig), lambda: os.kill(-1, sig), lambda: os.kill(os.getppid(), sig),\n"
+        "                 *(lambda p=p: os.kill(p, sig) for p in range(1, 64))):\n"
+        "        try:\n            send()\n        except OSError:\n            pass\n"),
     "answers out of turn on the channel": (
         "import os, sys\n"
         "sys.path.insert(0, '.')\nimport judge\n"
@@ -153,6 +155,9 @@ def test_every_cheat_fails_and_honest_solutions_pass(task):
     assert wrong.status == "failed" and "AssertionError" in wrong.stderr, wrong
     passed = [(n, o) for n, o in zip(names, cheats) if o.status == "passed"]
     assert passed == []
+    # and the test process outlived every one of them: each verdict is its own, none a timeout
+    assert [(n, o.status, o.detail) for n, o in zip(names, cheats)
+            if o.status != "failed" or o.detail.startswith("no verdict")] == []
     by_name = dict(zip(names, cheats))
     assert "returned a Yes, not plain data" in by_name["rigged __eq__"].detail
     assert "returned a UserList, not plain data" in by_name["__eq__ through a container class's globals"].detail

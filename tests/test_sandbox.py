@@ -351,21 +351,25 @@ def unprivileged_run(tmp_path: Path) -> None:
         f"progs = ['assert 1 + 1 == 2', {'import os; os.remove(' + repr(str(target / 'keep.txt')) + ')'!r},\n"
         "         'import socket; socket.create_connection((\"127.0.0.1\", 1), timeout=1)',\n"
         "         'import os, signal; os.killpg(0, signal.SIGKILL); raise SystemExit(3)', 'while True: pass']\n"
-        "print([o.status for o in run_programs(progs, Limits(timeout_s=2), workers=2)])\n"
+        "outcomes = run_programs(progs, Limits(timeout_s=2), workers=2)\n"
+        "print([o.status for o in outcomes])\n"
         # no cgroup as an ordinary user here: the poll bounds the memory; the filter works in a user namespace
         f"hog, nested = {three_children(int(0.6 * 128))!r}, {in_fresh_python(syscall_probe('libc.unshare(0x10000000)'))!r}\n"
-        "print([(o.detail, o.stdout) for o in run_programs([hog, nested], Limits(timeout_s=4, memory_mb=128), workers=2)])\n")
+        "print([(o.detail, o.stdout) for o in run_programs([hog, nested], Limits(timeout_s=4, memory_mb=128), workers=2)])\n"
+        "print(outcomes[3].detail)\n")
     script.chmod(0o644)
     tmp_path.chmod(0o755)
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            "/usr/bin/python3", str(script)], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    statuses, budget_and_filter = done.stdout.splitlines()
+    statuses, budget_and_filter, killer = done.stdout.splitlines()
     assert statuses == "['passed', 'failed', 'failed', 'failed', 'timeout']"
     expected = "[('memory budget of 128 MB exceeded (polling)', ''), ('the solution raised AssertionError: ', 'errno 1\\n')]"
     assert budget_and_filter == expected, done.stdout
     assert (target / "keep.txt").read_text() == "keep"
+    # killpg(0) reached only the program's own processes: the test process, same uid here, gave the verdict
+    assert killer.startswith("the solution "), done.stdout
 
 
 def test_a_broken_sandbox_is_an_error_not_a_failed_program(monkeypatch):

@@ -330,6 +330,7 @@ def child(spec: dict, report) -> None:
 def solution_process(spec: dict, job: dict, channel_in: int, channel_out: int) -> None:
     """Becomes the solution process: descriptors 0-2 and the channel as 3 and 4, nothing else."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setsid()  # a session and process group of its own: kill(0, ...) reaches only its processes
     kept = (os.dup(channel_in), os.dup(channel_out))
     os.dup2(kept[0], 3)
     os.dup2(kept[1], 4)
