@@ -377,3 +377,14 @@ def test_a_broken_sandbox_is_an_error_not_a_failed_program(monkeypatch):
     monkeypatch.setattr(sandbox, "interpreter", lambda: "/nonexistent/python3")
     with pytest.raises(sandbox.SandboxUnavailable, match="setup failed: .*nonexistent"):
         sandbox.run_program("print(1)")
+
+
+def test_a_program_prints_the_same_set_order_in_every_run():
+    """String hashing is seeded (PYTHONHASHSEED=0): a solution that returns list(set(...)) is
+    judged the same way every time."""
+    probe = "print(hash('laten'), list({'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta'}))\n"
+    first, second = run_programs([probe, probe], LIMITS, workers=2)
+    assert first.passed and second.passed and first.stdout == second.stdout, (first, second)
+    assert first.stdout.split()[0] == subprocess.run(
+        [sys.executable, "-c", "print(hash('laten'))"], env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True, text=True).stdout.strip()

@@ -19,7 +19,7 @@ Stdlib only, since it runs with -I -S. Steps:
 4. the solution process: forked into a PID namespace of its own (it can name no other
    process), with only its two ends of the channel besides stdin, stdout and stderr; its own
    uid (as root), resource limits, no privileges, the seccomp filter below, then exec
-   `python -I -c SOLUTION_MAIN NAME...` (judge.solution_main on descriptors 3 and 4). A fresh
+   `python -s -B -c SOLUTION_MAIN NAME...` (judge.solution_main on descriptors 3 and 4). A fresh
    image: nothing of this process's memory (the tests) survives the exec.
 5. the test process is this child itself, PID 1: not dumpable, another uid (as root), the same
    limits and filter; it runs the tests in this interpreter (judge.run_tests) and writes the
@@ -334,14 +334,16 @@ def solution_process(spec: dict, job: dict, channel_in: int, channel_out: int) -
     kept = (os.dup(channel_in), os.dup(channel_out))
     os.dup2(kept[0], 3)
     os.dup2(kept[1], 4)
+    highest = os.sysconf("SC_OPEN_MAX")  # before RLIMIT_NOFILE lowers what it reports
     drop_privileges(spec["as_root"], spec["uid"], WORKDIR)
     set_limits(spec)
     install_filter()
-    os.closerange(5, os.sysconf("SC_OPEN_MAX"))  # the verdict pipe, the setup report, the tests' ends
-    env = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    os.closerange(5, highest)  # the verdict pipe, the setup report, the tests' ends
+    # The environment is entirely this one (so no -E): a fixed hash seed makes set and dict
+    # orders, and so a program's output, the same in every run. -s: no user site-packages.
+    env = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
     try:
-        os.execve(spec["python"], [spec["python"], "-I", "-B", "-c", SOLUTION_MAIN, *job["calls"]], env)
+        os.execve(spec["python"], [spec["python"], "-s", "-B", "-c", SOLUTION_MAIN, *job["calls"]], env)
     except OSError as e:  # the report is closed: the tests see the channel close and fail
         os.write(2, f"sandbox: cannot start the solution process: {e}\n".encode())
         os._exit(125)
