@@ -39,17 +39,24 @@ def start_laten_serve(args: list[str], log_path):
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_laten_serve(proc) -> None:
-    """SIGTERM to the server's group (SIGKILL after a minute), then stop what is left of Ray."""
+def stop_group(proc, first=None) -> None:
+    """Signal a process started in its own session (`first`, default SIGTERM), SIGKILL its
+    group after a minute."""
     import os
     import signal
     import subprocess
-    import sys
-    from pathlib import Path
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, first or signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_laten_serve(proc) -> None:
+    """SIGTERM to the server's group (SIGKILL after a minute), then stop what is left of Ray."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    stop_group(proc)
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)

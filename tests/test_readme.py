@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!--\s*readme-test:\s*(run|background|skip|output)\b(.*?)-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -164,12 +166,7 @@ def test_the_readme_runs_in_order_as_written(tmp_path):
                 f"{where} failed (exit {done.returncode}):\n{step.text}\n---\n{outputs[-1][1][-6000:]}"
     finally:
         for proc, _ in background:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, signal.SIGINT)  # Ctrl-C, as a user stops a server
         ray = work / ".venv" / "bin" / "ray"
         if ray.exists():
             subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
