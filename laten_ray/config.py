@@ -301,11 +301,12 @@ def read_tree(path: str | Path, overrides: list[str], data_keys, what: str = "co
     data file specs in `data_keys` are anchored at the file that gives them, or at the working
     directory when an override does."""
     tree, origins = _read_file(Path(path), what, data_keys)
+    overridden = set()
     for item in overrides:
         _set_override(tree, item)
         dotted = tuple(item.split("=", 1)[0].strip().split("."))
         origins.record({dotted[-1]: None}, f"override {item!r}", dotted[:-1])
-    overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides}
+        overridden.add(dotted)
     _anchor(tree, Path.cwd(), [k for k in data_keys if k in overridden])
     return tree, origins
 

@@ -13,12 +13,13 @@ from . import checkpoint as ckpt
 from .checks import check_inputs
 from .config import Config, validate
 from .data import read_examples
+from .hints import MERGE_REPORT
 from .hypernet import HyperNet
 from .inject import merge_into
 from .locate import Located, Source, Target
 from .train import make_hypernet
 
-REPORT = "laten_merge.json"
+REPORT = MERGE_REPORT  # hints.py names it too, where importing this module (torch) would be too much
 
 
 def seed_example(cfg: Config):

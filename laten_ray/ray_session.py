@@ -39,20 +39,12 @@ class _Watchdog(threading.Thread):
 
     def __init__(self, gcs: str, label: str):
         super().__init__(name="laten-ray-watchdog", daemon=True)
-        host, _, port = gcs.rpartition(":")
-        self.where, self.label, self.stopped = (host, int(port)), label, threading.Event()
-
-    def answers(self) -> bool:
-        try:
-            with socket.create_connection(self.where, timeout=2.0):
-                return True
-        except OSError:
-            return False
+        self.gcs, self.label, self.stopped = gcs, label, threading.Event()
 
     def run(self) -> None:
         misses = 0
         while not self.stopped.wait(CHECK_EVERY_S):
-            misses = 0 if self.answers() else misses + 1
+            misses = 0 if _answers(self.gcs, timeout_s=2.0) else misses + 1
             if misses >= MISSES and not self.stopped.is_set():
                 print(f"laten: error: lost the Ray cluster {self.label}: its GCS stopped answering (was it "
                       "stopped, e.g. by `ray stop`, or did its head node go away?). Run the command again: "
@@ -75,9 +67,13 @@ def ray_session(address: str | None, namespace: str, log=None, log_to_driver: bo
     wanted = requested_address(address)
     private = wanted == "local"
     source = "--address" if address else "$RAY_ADDRESS"
+
+    def cannot_join(why: str) -> ClusterError:
+        return ClusterError(f"could not join the Ray cluster at {wanted} ({source}): "
+                            f"{why}; start one (`ray start --head`), fix the address, or leave it out to run on a "
+                            "private local cluster")
     if not private and not _answers(wanted):
-        raise ClusterError(f"could not join the Ray cluster at {wanted} ({source}): nothing answers there; start one "
-                           "(`ray start --head`), fix the address, or leave it out to run on a private local cluster")
+        raise cannot_join("nothing answers there")
     try:
         if private:
             info = ray.init(address="local", namespace=namespace, log_to_driver=log_to_driver,
@@ -85,9 +81,7 @@ def ray_session(address: str | None, namespace: str, log=None, log_to_driver: bo
         else:
             info = ray.init(address=wanted, namespace=namespace, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"could not join the Ray cluster at {wanted} ({source}): "
-                              f"{_first_line(e)}; start one (`ray start --head`), fix the address, "
-                              "or leave it out to run on a private local cluster") from None
+        raise cannot_join(_first_line(e)) from None
     if not log_to_driver:
         _quiet_cluster_errors()
     gcs = ray.get_runtime_context().gcs_address
@@ -116,14 +110,14 @@ def _quiet_cluster_errors() -> None:
         ray._private.worker.print_to_stdstream = lambda *args, **kwargs: None
 
 
-def _answers(address: str) -> bool:
+def _answers(address: str, timeout_s: float = 5.0) -> bool:
     """Whether a HOST:PORT address accepts a connection within seconds (Ray itself retries for
     minutes); other forms (auto, ray://, a dashboard URL) are left to Ray."""
     m = re.fullmatch(r"([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d+)", address)
     if not m:
         return True
     try:
-        with socket.create_connection((m.group(1).strip("[]"), int(m.group(2))), timeout=5.0):
+        with socket.create_connection((m.group(1).strip("[]"), int(m.group(2))), timeout=timeout_s):
             return True
     except OSError:
         return False

@@ -297,7 +297,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir = cfg.run_dir
     current = run_identity(cfg)
     if ckpt.checkpoint_steps(run_dir):
-        before = _saved_identity(run_dir, cfg)
+        before = _saved_identity(run_dir)
         if before is not None and before != current:
             diff = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
             raise ConfigError(f"run folder {run_dir} holds checkpoints of a different config "
@@ -307,9 +307,9 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def _saved_identity(run_dir: Path, cfg: Config) -> dict | None:
+def _saved_identity(run_dir: Path) -> dict | None:
     """The identity a run folder was started with: its identity.json, or for a folder of an
-    earlier release its config.yaml (data and models compared as spelled there)."""
+    earlier release the identity of its config.yaml (its models and data read as named there)."""
     if (run_dir / IDENTITY).is_file():
         return json.loads((run_dir / IDENTITY).read_text(encoding="utf-8"))
     saved = run_dir / "config.yaml"

@@ -281,8 +281,7 @@ class FirstResultGuard:
         except Exception as e:  # noqa: BLE001 - any failure before the first result is vLLM's
             reason = self.fail(e, "at its first generation")
             self.close()
-            self.current = self.start_transformers()
-            self.current.fallback = reason
+            self.current = self.start_transformers(reason)
             out = getattr(self.current, method)(*args)
         self.settled = True
         return out
@@ -308,18 +307,17 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "float32", device
         say(f"laten: {reason}; using transformers instead")
         return reason
 
-    def transformers() -> HFEngine:
-        return HFEngine(model, dtype, device, batch_size)
+    def transformers(reason: str) -> HFEngine:
+        hf = HFEngine(model, dtype, device, batch_size)
+        hf.fallback = reason
+        return hf
 
     try:
         plan = plan_vllm(model, dtype, device, need, kv_cache_gb)
         with log.captured():
             first = VLLMEngine(model, dtype, device, **plan)
     except Exception as e:  # noqa: BLE001 - vLLM's start fails in many ways; each is told
-        reason = fail(e, "at start")
-        hf = transformers()
-        hf.fallback = reason
-        return hf
+        return transformers(fail(e, "at start"))
     return FirstResultGuard(first, transformers, fail)
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 INIT = Path(__file__).with_name("sandbox_init.py")
 JUDGE_FILES = ("judge.py", "plain.py")  # the judge's code, beside the solution and loaded by the tests
-SETUP_FAILED, TIMED_OUT = 125, 124
+TIMED_OUT = 124  # sandbox_init's exit status at the wall clock
 FIRST_UID = 100_000  # as root, sandbox slot i runs its solution as uid FIRST_UID + i
 TEST_UIDS = 50_000   # and its tests as uid FIRST_UID + TEST_UIDS + i
 CGROUP_PREFIX = "laten-sandbox-"
