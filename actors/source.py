@@ -5,7 +5,7 @@ from laten_ray.arch import shape_of
 from laten_ray.data import read_examples
 from laten_ray.locate import Source, neuron_counts
 from laten_ray.models import read_model_config
-from laten_ray.train import group_of, n_steps
+from laten_ray.train import group_of
 
 from .common import actor_config, place_on_assigned_gpu, process_info
 from .metrics import RunMetrics
@@ -17,7 +17,7 @@ DEVICE_TRANSPORTS = ("nccl", "cuda_ipc", "nixl")
 class SourceActor:
     """Attribution, layer alignment and slice extraction for one training step at a time.
 
-    Steps are attributed in the same fixed groups as the single-process run (`group_of`), so
+    Extract examples are attributed in the same fixed groups as the single-process run (`group_of`), so
     both select exactly the same neurons; the rest of a group waits here until asked for."""
     name = "laten-source"
 
@@ -26,11 +26,10 @@ class SourceActor:
         place_on_assigned_gpu(self.cfg, "source")
         self.source = Source(self.cfg)
         self.extract = read_examples(self.cfg.data.extract)
-        self.total = n_steps(self.cfg, len(self.extract))
         self.target = shape_of(read_model_config(self.cfg.target.model))
         self.counts = neuron_counts(self.target, self.cfg.transfer.rate, self.cfg.transfer.modules)
         self.on_cpu = self.cfg.ray.transport not in DEVICE_TRANSPORTS
-        self.ready: dict = {}  # step -> Located, the rest of the last group
+        self.ready: dict = {}  # extract index -> Located, the rest of the last group
         self.metrics = RunMetrics(self.cfg.name)
 
     def info(self) -> dict:
@@ -38,12 +37,12 @@ class SourceActor:
 
     def locate(self, step: int) -> dict:
         """{"step", "located": Located with slices {module: [L_t, K, d_s]}, "attribution_s"}."""
-        if step not in self.ready:
-            members = group_of(step, self.total, self.cfg.attribution.batch_size)
-            examples = [self.extract[s % len(self.extract)] for s in members]
-            self.ready = dict(zip(members, self.source.locate(examples, self.target, self.counts,
-                                                              on_cpu=self.on_cpu)))
-        located = self.ready.pop(step)
+        n = len(self.extract)
+        if step % n not in self.ready:  # fixed groups of extract examples, whatever the step
+            members = group_of(step % n, n, self.cfg.attribution.batch_size)
+            self.ready = dict(zip(members, self.source.locate([self.extract[j] for j in members], self.target,
+                                                              self.counts, on_cpu=self.on_cpu)))
+        located = self.ready.pop(step % n)
         # One device for every tensor, as the transport needs it; contiguous for zero-copy.
         device = self.source.model.device if not self.on_cpu else "cpu"
         for field in ("layers", "index", "slices"):

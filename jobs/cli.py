@@ -101,7 +101,10 @@ def _arm(args) -> None:
     if missing:
         raise ValueError(f"arm {name} reads the folder of the {missing[0]} arm: give --needs {missing[0]}=DIR")
     info = arm.build(study, args.seed if arm.seeded else None, out, {k: Path(v) for k, v in needs.items()})
-    print(f"{name}: {info['model'] if info.get('as_is') else out / info['model']}")
+    if info.get("as_is"):
+        print(f"{name}: {info['model']}")
+    for budget, model in (info.get("models") or {}).items():
+        print(f"{name}: {out / model}" + ("" if budget == "-" else f" (after {budget} steps)"))
 
 
 def _report(args) -> None:
@@ -109,6 +112,7 @@ def _report(args) -> None:
 
     results = write_report(args.study_dir)
     print(results["table"])
+    print(f"finding: {results['finding']}")
     print(f"report: {Path(args.study_dir) / 'report.md'}")
 
 
@@ -165,10 +169,11 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("--config", required=True, help="a study config, e.g. configs/study-demo.yaml")
     y.add_argument("--address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS; else a "
                    "private local one, stopped at the end)")
-    y.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1")
+    y.add_argument("overrides", nargs="*", help="key=value, e.g. 'arms=[target,laten]' seeds=1 "
+                   "'budgets=[8,64,512]'")
     y.set_defaults(handler=_study)
 
-    a = sub.add_parser("arm", help="build one arm of a study alone (its HF folder in OUT/model)")
+    a = sub.add_parser("arm", help="build one arm of a study alone (its HF folder in OUT/model, or OUT/model-B per budget B)")
     a.add_argument("words", nargs="+", metavar="NAME [key=value ...]", help="the arm (target, source, laten, "
                    "laten-random-neurons, laten-noise-source, sft-lora, seeking, distill), then overrides")
     a.add_argument("--config", required=True, help="a study config: the pair, the task's data and the arm's settings")

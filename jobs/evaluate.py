@@ -30,8 +30,8 @@ def evaluate_on_ray(args) -> int:
         gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU") else 0.0)
         actor = ray.remote(EvaluatorActor).options(
             name="laten-evaluator", num_cpus=args.num_cpus, num_gpus=gpus,
-            runtime_env={"env_vars": entry.worker_env(args.num_cpus)}).remote(args.model, settings, args.num_cpus)
-        summary = ray.get(actor.evaluate.remote(args.task, data, out, args.limit))
+            runtime_env={"env_vars": entry.worker_env(args.num_cpus)}).remote(settings, args.num_cpus)
+        summary = ray.get(actor.evaluate.remote(args.model, args.task, data, out, args.limit))
         ray.kill(actor)
     print_summary(summary, out)
     return 0

@@ -83,7 +83,10 @@ class TrainConfig:
     lr: float = 3e-5
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_ratio: float = 0.3  # one-cycle: share of steps spent warming up
+    warmup_ratio: float = 0.3  # share of steps spent warming up
+    schedule: str = "one-cycle"  # one-cycle (the paper's), or constant: warm-up, then the full rate,
+                                 # so the checkpoint after B steps is a run of B steps (a study's budgets)
+    warmup_steps: int | None = None  # the warm-up in steps; default warmup_ratio x steps
     reg_lambda: float = 1000.0
     gradient_checkpointing: bool = False  # recompute the target's layers in backward: less memory
 
@@ -105,6 +108,7 @@ class ActorConfig:
 
 TRANSPORTS = ("object_store", "nccl", "gloo", "nixl", "cuda_ipc")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+SCHEDULES = ("one-cycle", "constant")
 
 
 @dataclass
@@ -378,6 +382,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.train.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule: {cfg.train.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps: must not be negative, got {cfg.train.warmup_steps}")
     if cfg.attribution.cache != cfg.attribution.cache.strip():
         raise ConfigError(f"attribution.cache: a folder path without leading or trailing spaces, "
                           f"got {cfg.attribution.cache!r}")

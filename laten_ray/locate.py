@@ -104,18 +104,28 @@ class _Model:
 
     def scores(self, examples: list[Example]) -> list[Scores]:
         """Each example's scores; the examples share every per-layer projection. With a cache,
-        a batch seen before is read back instead (the same bits), a new one is stored."""
+        an example seen before is read back, and the others are attributed together (once: a
+        process that finds another attributing the same model waits for it and reads)."""
         t0 = time.perf_counter()
         cache = self.cache
-        key = cache.key(self.tokenizer, examples, self.batch_size, self.chunk_mb, GROUP) if cache else None
-        each = cache.get(key) if cache else None
-        if each is not None:
-            self.cache_hits += len(examples)
-        else:
+        if cache is None:
             each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget, GROUP)
-            if cache:
-                self.cache_misses += len(examples)
-                cache.put(key, each)
+        else:
+            keys = [cache.key(self.tokenizer, e, self.chunk_mb) for e in examples]
+            each, missing = [cache.get(k) for k in keys], []
+            if any(s is None for s in each):
+                with cache.lock():
+                    each = [s or cache.get(k) for s, k in zip(each, keys)]  # written while we waited
+                    missing = [i for i, s in enumerate(each) if s is None]
+                    if missing:
+                        fresh = attribute_each(self.arch, self.tokenizer, [examples[i] for i in missing],
+                                               self.batch_size, self.budget, GROUP)
+                        for i, s in zip(missing, fresh):
+                            cache.put(keys[i], s)
+                            cache.note_computed(keys[i])
+                            each[i] = s
+            self.cache_misses += len(missing)
+            self.cache_hits += len(examples) - len(missing)
         self.attribution_seconds += time.perf_counter() - t0
         return each
 

@@ -9,6 +9,7 @@ to the same weights.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .arch import Arch
 from .data import Example, lm_batch
-from .train import answer_loss, one_cycle
+from .train import answer_loss, lr_schedule
 
 STATE = "lora_state.pt"
 
@@ -43,15 +44,20 @@ class Optim:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_ratio: float = 0.3
+    schedule: str = "one-cycle"
+    warmup_steps: int | None = None
 
 
 def finetune(model, tokenizer, steps: list[list[Example]], lora: LoraSettings, optim: Optim, seed: int,
              folder: Path, on_step: Callable[[dict], None] | None = None,
-             init: Callable[[object], None] | None = None):
+             init: Callable[[object], None] | None = None,
+             at_budget: Callable[[int, object], None] | None = None, budgets: tuple[int, ...] = ()):
     """Train a LoRA adapter on `steps` (resuming from `folder`'s state), merge it into `model`
     and return (the merged model, the per-step history). `init(peft_model)` sets the adapter's
     start (a baseline's extracted weights) before training; a resumed run calls it again, so it
-    must be deterministic, then loads the adapter's trained state over it."""
+    must be deterministic, then loads the adapter's trained state over it. After each step B in
+    `budgets` (before the last), `at_budget(B, merged copy)` gets the model as it is then; it
+    runs before step B's state is saved, so a resumed run never skips it."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     torch.manual_seed(seed)  # LoRA's A init
@@ -62,7 +68,8 @@ def finetune(model, tokenizer, steps: list[list[Example]], lora: LoraSettings, o
         init(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lora.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(len(steps), optim.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(optim.schedule, len(steps), optim.warmup_ratio, optim.warmup_steps))
     history: list[dict] = []
     state_path = Path(folder) / STATE
     if state_path.is_file():
@@ -92,6 +99,10 @@ def finetune(model, tokenizer, steps: list[list[Example]], lora: LoraSettings, o
         metrics = {"step": i + 1, "steps": len(steps), "lm_loss": lm_loss, "lr": lr, "tokens": n_tokens,
                    "step_s": time.perf_counter() - t0}
         history.append(metrics)
+        if at_budget and i + 1 in budgets and i + 1 < len(steps):
+            model.eval()
+            at_budget(i + 1, copy.deepcopy(peft_model).merge_and_unload())  # the adapter of step B, merged
+            model.train()
         ckpt.save_torch({"adapter": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "history": history, "rng": torch.get_rng_state()},
                         state_path)

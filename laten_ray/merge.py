@@ -3,6 +3,7 @@ target's weights for real, writing an ordinary HF model folder. Needs the run's 
 the seed example only: no training data, no optimizer."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -54,12 +55,14 @@ def load_hypernet(cfg: Config, state: dict, d_source: int, target: Target) -> Hy
 
 def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
           overwrite: bool = False, source_edit: Callable[[Located], Located] | None = None,
-          target_edit: Callable[[Located], Located] | None = None, control: str = "") -> Path:
+          target_edit: Callable[[Located], Located] | None = None, control: str = "",
+          source: Source | None = None, target_model=None) -> Path:
     """Write the merged target to `out` and return it. `out` must not exist or be empty, unless
     `overwrite`, which replaces an earlier merge only once the new folder is complete.
     A study's control arms change the plan: `source_edit` replaces the source's selection
     before translation, `target_edit` the target's neurons the deltas go to; `control` says
-    which in the report."""
+    which in the report. `source` and `target_model` (model, tokenizer): models already loaded
+    (a study merges every budget of a run it has just trained); the target is copied, not changed."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -74,9 +77,13 @@ def merge(cfg: Config, step: int | None, rate: float | None, out: str | Path,
     state = ckpt.load_checkpoint(cfg.run_dir, step)  # fails early if the run has no such step
     example = seed_example(cfg)
 
-    source = Source(cfg)
+    source = source or Source(cfg)
     dtype = cfg.merge.dtype or cfg.target.dtype
-    target = Target(cfg, rate, dtype=dtype)
+    if target_model is not None and dtype == cfg.target.dtype:
+        model, tokenizer = target_model
+        target = Target(cfg, rate, model=copy.deepcopy(model), tokenizer=tokenizer)
+    else:
+        target = Target(cfg, rate, dtype=dtype)
     hypernet = load_hypernet(cfg, state, source.arch.shape.hidden, target)
     located_source, located_target, deltas = plan_edit(source, target, hypernet, example, source_edit,
                                                        target_edit)

@@ -1,17 +1,23 @@
-"""A disk cache of attribution scores (docs/method.md §1), so that a study's runs and any rerun
-attribute each batch of examples once.
+"""A disk cache of attribution scores (docs/method.md §1), so that a study attributes each
+(model, example) once, whatever the step, seed, budget or arm that asks.
 
-One file per (model, batch): <folder>/<model hash>/<batch hash>.safetensors holds the `Scores`
-of every example of the batch, in batch order. Batching moves scores in the last float bits, so
-a batch is cached as a whole and its key names every member in order: a hit returns exactly the
-tensors the same call would compute.
+One file per (model, example): <folder>/<model hash>/<example hash>.safetensors holds that
+example's `Scores`. Misses are attributed together in one batch. The batch an example was
+attributed in moves its scores by rounding only (measured on the demo pair, an example alone
+against in a group of 8: at most 1.5e-5 of the largest score, and the same selected neurons;
+tests/test_score_cache.py checks both with a bound of 1e-4), so the
+key leaves the batch out: a hit returns the scores of the batch that first computed them. A
+lock per model makes "first" exact across processes: a second asker waits and reads the file,
+and `computed.log` beside the files lists every example ever computed (one line each).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,9 +28,10 @@ from .attribution import Scores
 from .checkpoint import save_bytes
 from .data import Example, attribution_ids, attribution_text
 
-CACHE_VERSION = 1  # bump whenever the scores' formula or its summation order changes
+CACHE_VERSION = 2  # bump whenever the scores' formula, its summation order or the file layout changes
 ENV = "LATEN_ATTRIBUTION_CACHE"  # the folder when the config names none (a study's runs share it)
 FIELDS = ("layer_attn", "layer_ffn", "ffn", "attn")  # Scores.tensors(): [L], [L], [L, f], [L, A]
+COMPUTED = "computed.log"
 
 
 def cache_folder(configured: str) -> str:
@@ -87,29 +94,28 @@ class ScoreCache:
             self._model_hash = model_hash(self.model)
         return self._model_hash
 
-    def key(self, tokenizer, examples: list[Example], batch_size: int, chunk_mb: int, group: int) -> dict:
-        """Everything that changes a score's bits: code, libraries, weights, dtype, hardware, the
-        batching settings and the whole batch in order (an example's position is its index)."""
+    def key(self, tokenizer, example: Example, chunk_mb: int) -> dict:
+        """Everything that changes a score beyond the last bits: code, libraries, weights, dtype,
+        hardware, the projection's chunking and the example (its text, ids and attributed token)."""
         device = next(self.model.parameters()).device
-        members = []
-        for e in examples:
-            ids, w = attribution_ids(tokenizer, e)
-            members.append({"text": attribution_text(e), "ids": ids, "token": w})
+        ids, w = attribution_ids(tokenizer, example)
         return {"version": CACHE_VERSION, "torch": torch.__version__,
                 "transformers": transformers.__version__, "model": self.model_hash,
-                "dtype": str(self.model.dtype), "hardware": hardware(device),
-                "batch_size": batch_size, "chunk_mb": chunk_mb, "group": group, "examples": members}
+                "dtype": str(self.model.dtype), "hardware": hardware(device), "chunk_mb": chunk_mb,
+                "example": {"text": attribution_text(example), "ids": ids, "token": w}}
+
+    def _dir(self) -> Path:
+        return self.folder / self.model_hash[:32]
 
     def path(self, key: dict) -> Path:
         text = json.dumps(key, sort_keys=True)
-        return self.folder / key["model"][:32] / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}.safetensors"
+        return self._dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}.safetensors"
 
-    def get(self, key: dict) -> list[Scores] | None:
-        """The batch's scores, or None when absent, unreadable, truncated or not matching (a
+    def get(self, key: dict) -> Scores | None:
+        """The example's scores, or None when absent, unreadable, truncated or not matching (a
         killed writer, bad bytes): the caller recomputes and overwrites."""
-        path = self.path(key)
         try:
-            data = path.read_bytes()
+            data = self.path(key).read_bytes()
         except OSError:  # absent, or unreadable: computed again
             return None
         key_text = json.dumps(key, sort_keys=True)
@@ -117,22 +123,51 @@ class ScoreCache:
             tensors = load(data)
             meta = _metadata(data)
             ok = meta.get("key") == key_text and meta.get("checksum") == _checksum(tensors, key_text)
-            n = len(key["examples"])
-            each = [Scores(*(tensors[f"{i}.{f}"] for f in FIELDS), n_examples=1) for i in range(n)]
+            scores = Scores(*(tensors[f] for f in FIELDS), n_examples=1)
         except Exception:  # noqa: BLE001 - any damage reads as a miss, never a crash
             return None
-        return each if ok else None
+        return scores if ok else None
 
-    def put(self, key: dict, each: list[Scores]) -> None:
-        """Write the batch's scores atomically (checkpoint.save_bytes: a temporary name in the same
-        folder, fsync, os.replace), so concurrent readers and writers of the same key see either
-        no file or a whole one. A failed write only warns: the run has its scores either way."""
+    def put(self, key: dict, scores: Scores) -> None:
+        """Write the example's scores atomically (checkpoint.save_bytes: a temporary name in the
+        same folder, fsync, os.replace), so concurrent readers see either no file or a whole one.
+        A failed write only warns: the run has its scores either way."""
         path = self.path(key)
         key_text = json.dumps(key, sort_keys=True)
-        tensors = {f"{i}.{f}": t.detach().to(torch.float32).contiguous().clone()  # [L] .. [L, f]
-                   for i, s in enumerate(each) for f, t in s.tensors().items()}
+        tensors = {f: t.detach().to(torch.float32).contiguous().clone() for f, t in scores.tensors().items()}
         data = save(tensors, metadata={"key": key_text, "checksum": _checksum(tensors, key_text)})
         try:
             save_bytes(data, path)
         except OSError as e:
             warnings.warn(f"attribution cache: could not write {path}: {e}")
+
+    def note_computed(self, key: dict) -> None:
+        """One line in computed.log: this example was attributed (not read) here."""
+        try:
+            with open(self._dir() / COMPUTED, "a", encoding="utf-8") as log:  # one short append: atomic
+                log.write(f"{self.path(key).stem} {key['example']['text'][:60]!r}\n")
+        except OSError:
+            pass  # put() has warned already
+
+    @contextmanager
+    def lock(self):
+        """This model's lock, across processes (released by the kernel if the holder dies). Where
+        the folder cannot be written the cache goes on without it."""
+        try:
+            self._dir().mkdir(parents=True, exist_ok=True)
+            f = open(self._dir() / ".lock", "a")
+        except OSError:
+            yield
+            return
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+
+def computed(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """model hash (32 hex) -> the example files it computed, in order, as computed.log lists them
+    (an example listed twice was attributed twice)."""
+    out = {}
+    for log in sorted(Path(folder).glob(f"*/{COMPUTED}")):
+        out[log.parent.name] = [line.split(" ", 1)[0] for line in log.read_text(encoding="utf-8").splitlines()]
+    return out

@@ -10,7 +10,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,22 @@ def one_cycle(total: int, warmup_ratio: float, start: float = 1 / 25, end: float
         progress = (i - warm) / max(1, total - warm)
         return end + (1 - end) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
     return factor
+
+
+def warmup_then_constant(warm: int, start: float = 1 / 25):
+    """LR factor for step i: one_cycle's cosine rise over `warm` steps, then 1. It does not depend
+    on the run's length, so the checkpoint after B steps is exactly a run of B steps."""
+    def factor(i: int) -> float:
+        return start + (1 - start) * (1 - math.cos(math.pi * i / warm)) / 2 if i < warm else 1.0
+    return factor
+
+
+def lr_schedule(schedule: str, total: int, warmup_ratio: float, warmup_steps: int | None):
+    """The LR factor of `train.schedule` for a run of `total` steps."""
+    warm = warmup_steps if warmup_steps is not None else round(total * warmup_ratio)
+    if schedule == "constant":
+        return warmup_then_constant(warm)
+    return one_cycle(total, warm / total if total else 0.0)
 
 
 def align_sample(n_align: int, k: int, seed: int, step: int) -> list[int]:
@@ -129,7 +145,8 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay, betas=tuple(t.betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, one_cycle(total, t.warmup_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_schedule(t.schedule, total, t.warmup_ratio, t.warmup_steps))
         self.history: list[dict] = []
 
     def step(self, step: int, slices: dict, index: dict, examples: list[Example]) -> dict:
@@ -231,10 +248,11 @@ class TargetTraining:
         metrics["step_s"] = time.perf_counter() - t0  # the target's selection included
         return metrics
 
-    def save_checkpoint(self, step: int, background: bool = False) -> Path:
+    def save_checkpoint(self, step: int, background: bool = False, drop: int | None = None) -> Path:
         """After `step` completed steps: the checkpoint, then the metrics file, both atomic.
         `background`: snapshot the state now and write it while training goes on; a crash
-        before the write ends loses only that step, which a resumed run recomputes."""
+        before the write ends loses only that step, which a resumed run recomputes. `drop`: an
+        earlier step whose checkpoint is removed once this one is on disk."""
         path = ckpt.checkpoint_path(self.run_dir, step)
         state = ckpt.snapshot(self.trainer.state(step))
         lines = "".join(f"{json.dumps(m)}\n" for m in self.history)
@@ -242,6 +260,8 @@ class TargetTraining:
         def write() -> None:
             ckpt.save_torch(state, path)
             ckpt.save_text(lines, self.run_dir / "metrics.jsonl")
+            if drop is not None:
+                ckpt.checkpoint_path(self.run_dir, drop).unlink(missing_ok=True)
         self.writer.submit(write, f"checkpoint-{step}", background)
         return path
 
@@ -330,30 +350,36 @@ def format_progress(m: dict) -> str:
 
 
 def train(cfg: Config, on_step: Callable[[dict], None] | None = None,
-          source_edit: Callable[[int, Located], Located] | None = None) -> Path:
+          source_edit: Callable[[int, Located], Located] | None = None,
+          keep: Collection[int] | None = None, source: Source | None = None, target_model=None) -> Path:
     """Train in this process, resuming from the run folder's last checkpoint; returns the run folder.
     `source_edit(step, located)` replaces the source's selection of a step (a study's control
-    arms: noise in place of the source's slices)."""
+    arms: noise in place of the source's slices). `keep`: the steps whose checkpoints stay (the
+    last one always does); default every step. `source` and `target_model` (model, tokenizer):
+    models already loaded, e.g. to merge with afterwards; the target is left unchanged."""
     run_dir = prepare_run_dir(cfg)
-    source = Source(cfg)
-    side = TargetTraining(cfg, source.arch.shape.hidden, run_dir)
+    source = source or Source(cfg)
+    model, tokenizer = target_model or (None, None)
+    side = TargetTraining(cfg, source.arch.shape.hidden, run_dir, model=model, tokenizer=tokenizer)
     start = side.resume()
-    group = cfg.attribution.batch_size
+    n, group = len(side.extract), cfg.attribution.batch_size
+    ready: dict[int, Located] = {}  # extract index -> the source's selection, the current group's
     try:
-        for first in range(start - start % group, side.total, group):
-            steps = group_of(first, side.total, group)
-            located = source.locate([side.extract[s % len(side.extract)] for s in steps],
-                                    side.target.arch.shape, side.target.counts)
-            for step, slices in zip(steps, located):
-                if step < start:
-                    continue  # done before a resume; its group is recomputed whole (see group_of)
-                if source_edit:
-                    slices = source_edit(step, slices)
-                metrics = side.step(step, slices)
-                metrics["source_attribution_s"] = source.take_seconds()
-                side.save_checkpoint(step + 1, background=True)  # written while the next step runs
-                if on_step:
-                    on_step(metrics)
+        for step in range(start, side.total):
+            i = step % n
+            if i not in ready:  # fixed groups of extract examples, whatever the step (see group_of)
+                members = group_of(i, n, group)
+                ready = dict(zip(members, source.locate([side.extract[j] for j in members],
+                                                        side.target.arch.shape, side.target.counts)))
+            slices = ready.pop(i)
+            if source_edit:
+                slices = source_edit(step, slices)
+            metrics = side.step(step, slices)
+            metrics["source_attribution_s"] = source.take_seconds()
+            side.save_checkpoint(step + 1, background=True,  # written while the next step runs
+                                 drop=step if keep is not None and step and step not in keep else None)
+            if on_step:
+                on_step(metrics)
     finally:
         side.wait_for_checkpoint()
     return run_dir

@@ -51,6 +51,12 @@ def tiny_study(root: Path, **extra) -> "StudyConfig":  # noqa: F821
     ("laten.train.speed=1", "unknown key 'laten.train.speed'"),
     ("task.evaluation={shots: 1}", "task.evaluation: shots: demo takes 0 to 0 shots"),
     ("engine=fast", "engine: 'fast' is not one of auto, hf, vllm"),
+    ("budgets=[8,0]", "budgets[1]: expected a positive number of training steps, got 0"),
+    ("budgets=[8,8]", "budgets: [8, 8] repeats a budget"),
+    ("budgets=8", "budgets: expected a list, got 8"),
+    ("laten.train.steps=5", "laten.train.steps: a study with budgets trains to its largest budget"),
+    ("laten.train.schedule=one-cycle", "laten.train.schedule: one-cycle decays to the run's end"),
+    ("laten.train.schedule=cosine", "laten.train.schedule: 'cosine' is not one of one-cycle, constant"),
 ])
 def test_a_bad_study_config_fails_before_any_model_loads_naming_the_key(tmp_path, monkeypatch, capsys,
                                                                        override, message):
@@ -142,6 +148,35 @@ def test_the_controls_and_the_lora_arms_on_real_builds(tmp_path, family):
     assert not torch.equal(seeking.state_dict()[w], base.state_dict()[w])
 
 
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.slow  # trains two tiny arms twice
+@pytest.mark.parametrize("arm", ["laten", "sft-lora"])
+def test_a_budget_checkpoint_is_the_model_of_a_run_that_long(tmp_path, arm):
+    """Trained once to 5 steps and kept at 2, the model of budget 2 is the model a run of 2 steps
+    gives: bit for bit here (CPU, float32; the stated tolerance is exact equality, which
+    nondeterministic GPU kernels would relax to rounding)."""
+    warm = {"warmup_steps": 1, "steps": None}
+    long = tiny_study(tmp_path / "long", budgets=[2, 5], laten={**tiny_study(tmp_path).laten,
+                                                                 "train": {**tiny_study(tmp_path).laten["train"], **warm}})
+    short = tiny_study(tmp_path / "short", budgets=[2], laten=long.laten)
+    a, b = ARMS[arm].build(long, 0, tmp_path / "a", {}), ARMS[arm].build(short, 0, tmp_path / "b", {})
+    assert set(a["models"]) == {"2", "5"} and set(b["models"]) == {"2"}
+    two, alone = _weights(tmp_path / "a" / a["models"]["2"]), _weights(tmp_path / "b" / b["models"]["2"])
+    five = _weights(tmp_path / "a" / a["models"]["5"])
+    assert two.keys() == alone.keys()
+    assert all(torch.equal(two[k], alone[k]) for k in two)
+    assert any(not torch.equal(two[k], five[k]) for k in two)  # training went on after budget 2
+    cfg = long.run_config(0)
+    assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps) == ("constant", 1, 5)
+    if arm == "laten":  # the run keeps the budgets' checkpoints and its last, no other
+        from laten_ray.checkpoint import checkpoint_steps
+        assert checkpoint_steps(tmp_path / "a" / "run") == [2, 5]
+
+
 def test_lora_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     from laten_ray.data import read_examples
     from laten_ray.lora import LoraSettings, Optim, finetune
@@ -230,31 +265,59 @@ def demo_study(tmp_path_factory):
 def test_the_demo_study_end_to_end(demo_study):
     import matplotlib.image
 
+    from laten_ray.score_cache import computed
+
     folder, lines = demo_study
     results = json.loads((folder / "results.json").read_text())
-    assert [a["arm"] for a in results["arms"]] == ARMS_IN_DEMO
-    assert results["items"] == 200 and not results["missing"]
+    budgets = [8, 32, 128]
+    assert results["budgets"] == budgets and results["items"] == 200 and not results["missing"]
+    assert [(a["arm"], a["budget"]) for a in results["arms"]] == \
+        [("target", None), ("source", None)] + [(arm, b) for arm in ARMS_IN_DEMO[2:] for b in budgets]
     plan = json.loads((folder / "plan.json").read_text())
     for unit in plan["units"]:
-        assert (folder / unit["folder"] / "built.json").is_file()
-        examples = (folder / unit["eval"] / "examples.jsonl").read_text().splitlines()
-        assert len(examples) == 200
-        if unit["arm"] not in ("target", "source"):
-            assert (folder / unit["folder"] / "model" / "config.json").is_file()
-    for name in ("report.md", "disagreements.md"):
-        assert (folder / name).stat().st_size > 0
-    for name in ("scores.png", "training.png"):
+        built = json.loads((folder / unit["folder"] / "built.json").read_text())
+        for key, ev in unit["evals"].items():
+            assert len((folder / ev / "examples.jsonl").read_text().splitlines()) == 200
+            if unit["arm"] not in ("target", "source"):
+                assert (folder / unit["folder"] / built["models"][key] / "config.json").is_file()
+    # a learning curve per trained arm, in results.json and in the figure
+    assert sorted(results["curves"]) == sorted(ARMS_IN_DEMO[2:])
+    assert all([p["budget"] for p in curve] == budgets for curve in results["curves"].values())
+    for name in ("curves.png", "scores.png", "training.png"):
         image = matplotlib.image.imread(folder / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    report = (folder / "report.md").read_text()
-    for arm in ARMS_IN_DEMO:
-        assert f"| {arm} |" in report
+
     # the pair is worth studying: the source solves the held-out split, the target does not
-    score = {a["arm"]: a["score"] for a in results["arms"]}
-    assert score["source"] >= 0.8 and score["target"] <= 0.2
+    row = {(a["arm"], a["budget"]): a for a in results["arms"]}
+    assert row["source", None]["score"] >= 0.8 and row["target", None]["score"] <= 0.2
+    # the positive control: the equal-data baseline is significantly above the target at the top budget
+    control = row["sft-lora", 128]["vs_target"]
+    assert control["verdict"] == "higher" and control["p_holm"] < 0.05 and control["difference"] > control["mdd"]
     for a in results["arms"][1:]:
-        lo, hi = a["vs_target"]["ci95"]
-        assert lo <= a["vs_target"]["difference"] <= hi and 0 <= a["vs_target"]["p_holm"] <= 1
+        c = a["vs_target"]
+        assert c["ci95"][0] <= c["difference"] <= c["ci95"][1] and 0 <= c["p_holm"] <= 1 and 0 < c["mdd"] <= 1
+        assert c["test"] in ("exact McNemar on paired items",)
+
+    report = (folder / "report.md").read_text()
+    first = report.split("**Finding.** ", 1)[1].splitlines()[0]
+    assert first.startswith("After 128 training steps") and "sft-lora beats the target by" in first
+    assert "LaTen" in first and "equal-data baseline sft-lora" in first
+    if row["laten", 128]["vs_target"]["verdict"] == "no detectable difference":
+        assert f"rules out a gain larger than {100 * row['laten', 128]['vs_target']['mdd']:.1f} points" in first
+    for figure in ("curves.png", "scores.png", "training.png"):  # embedded, and there
+        assert f"]({figure})" in report and (folder / figure).is_file()
+    assert "exact McNemar on paired items" in report and "MDD" in report and "Connor" in report
+    table = report.split("## Per seed")[0]
+    same = {}  # rows with identical per-item results are one row naming them all
+    for a in results["arms"]:
+        same.setdefault((a["items"], a["budget"]), []).append(a["arm"])
+    for (_, budget), arms in same.items():
+        assert sum(f"| {', '.join(arms)} | {'-' if budget is None else budget} |" in line
+                   for line in table.splitlines()) == 1, arms
+
+    # attribution ran once per (model, example) in the whole study: 8 extract examples, 2 models
+    log = computed(folder / "attribution-cache")
+    assert len(log) == 2 and all(len(v) == len(set(v)) == 8 for v in log.values()), log
 
     # the report is rebuilt from the kept results alone, to the same bytes
     before = {n: (folder / n).read_bytes() for n in ("results.json", "report.md", "disagreements.md")}
@@ -263,8 +326,8 @@ def test_the_demo_study_end_to_end(demo_study):
 
     # a rerun does nothing but report
     again = _study(folder.parent)
-    assert sum("done earlier, skipped" in line for line in again) == len(plan["units"])
-    assert not any(": building" in line or ": evaluating" in line for line in again)
+    assert any(f"{len(results['arms'])} evaluation(s) and their builds done earlier, kept" in line for line in again)
+    assert not any(": building" in line or " accuracy " in line for line in again)
     assert (folder / "results.json").read_bytes() == before["results.json"]
 
 
@@ -272,18 +335,20 @@ def test_the_demo_study_end_to_end(demo_study):
 @pytest.mark.slow
 def test_a_killed_study_resumes_to_the_same_results(demo_study, tmp_path):
     """A worker killed in a build (Ray runs the build again, which resumes from its folder),
-    then the driver and its local cluster killed after three arms: the rerun ends with the
-    results of the uninterrupted study."""
+    then the driver and its local cluster killed (SIGKILL) after three evaluations: the rerun
+    ends with the results and the report of the uninterrupted study."""
     folder, _ = demo_study
     killed: list[int] = []
     lines = _study(tmp_path, kill_after=3, kill_a_worker=killed)
     assert killed, "no build worker was seen to kill"
     assert not (tmp_path / "demo" / "results.json").exists(), "\n".join(lines)
     resumed = _study(tmp_path)
-    assert sum("done earlier, skipped" in line for line in resumed) >= 3
+    assert any("done earlier, kept" in line for line in resumed)
     ours = json.loads((tmp_path / "demo" / "results.json").read_text())
     theirs = json.loads((folder / "results.json").read_text())
     assert _without_times(ours) == _without_times(theirs)
+    assert (tmp_path / "demo" / "report.md").read_text().split("## Time")[0] == \
+        (folder / "report.md").read_text().split("## Time")[0]
 
 
 ARMS_IN_DEMO = ["target", "source", "laten", "laten-random-neurons", "laten-noise-source", "sft-lora", "seeking",

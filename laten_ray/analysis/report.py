@@ -46,7 +46,7 @@ class Inputs:
 
 
 def inputs_from_study(study_dir: str | Path, data: str | None = None, limit: int | None = None) -> tuple[Inputs, float]:
-    """The pair, data and trained arms of a `laten study` folder, and LaTen's rate there. The CKA
+    """The pair, data and trained arms (at their largest budget) of a `laten study` folder, and LaTen's rate there. The CKA
     examples default to the study's align split, the neuron examples are its extract split."""
     import yaml
 
@@ -59,8 +59,10 @@ def inputs_from_study(study_dir: str | Path, data: str | None = None, limit: int
     for unit in json.loads((study_dir / "plan.json").read_text())["units"]:
         built = study_dir / unit["folder"] / "built.json"
         info = json.loads(built.read_text()) if built.is_file() else None
-        if info and not info.get("as_is"):
-            merged.append({"arm": unit["arm"], "seed": unit["seed"], "model": str(study_dir / unit["folder"] / info["model"])})
+        if info and not info.get("as_is"):  # a trained arm: its model of the largest budget
+            models = info.get("models") or {"-": info["model"]}  # "model": a study of before budgets
+            key = max(models, key=lambda k: -1 if k == "-" else int(k))
+            merged.append({"arm": unit["arm"], "seed": unit["seed"], "model": str(study_dir / unit["folder"] / models[key])})
     rate = (study.laten.get("transfer") or {}).get("rate", DEFAULT_RATE)
     inputs = Inputs(study.source.model, study.target.model, data or study.task.align, limit, study.task.extract, None,
                     merged, str(study_dir), {"source": study.source.dtype, "target": study.target.dtype},
@@ -223,66 +225,92 @@ def _mean(values) -> float | None:
 
 
 def parametric_figure(results: dict):
-    """Per module: cos(delta, target weight) per target layer, one line per arm (mean over seeds);
-    dashed: cos(delta, merged weight)."""
+    """Two heatmaps: cos(delta, target weight) and cos(delta, merged weight), one row per arm and
+    module (mean over seeds), one column per target layer; grey where that matrix is unchanged."""
+    import numpy as np
     plt = _plt()
-    cos_t, cos_m = _arm_means(results["parametric"], "cos_target"), _arm_means(results["parametric"], "cos_merged")
-    modules = [m for m in ("up", "down", "v", "o", "q", "k", "gate") if any(m in a for a in cos_t.values())]
-    cols = min(4, len(modules))
-    rows = -(-len(modules) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(modules):]:
-        ax.set_visible(False)
-    for ax, m in zip(axes.flat, modules):
-        for i, arm in enumerate(cos_t):
-            if m in cos_t[arm]:
-                nan = [float("nan") if v is None else v for v in cos_t[arm][m]]
-                ax.plot(nan, color=f"C{i}", marker=".", label=arm)
-                ax.plot([float("nan") if v is None else v for v in cos_m[arm][m]], color=f"C{i}", ls="--", lw=0.8)
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.set_title(f"{m}_proj")
+    order = ("up", "down", "v", "o", "q", "k", "gate")
+    panels = [("cos_target", "cos(delta, target weight)"), ("cos_merged", "cos(delta, merged weight)")]
+    means = {key: _arm_means(results["parametric"], key) for key, _ in panels}
+    rows = [(arm, m) for arm, mods in means["cos_target"].items() for m in order if m in mods]
+    layers = max(len(means["cos_target"][a][m]) for a, m in rows)
+
+    def grid(key):
+        vals = [means[key][a][m] + [None] * (layers - len(means[key][a][m])) for a, m in rows]
+        return np.array([[np.nan if v is None else v for v in r] for r in vals], dtype=float)
+    grids = [grid(key) for key, _ in panels]
+    # one colour scale centred on 0 (white: orthogonal), as wide as the largest |cos| of both panels
+    lim = float(np.nanmax(np.abs(np.concatenate(grids)), initial=0.0)) or 1.0
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
+    width = min(max(3.0, 0.55 * layers + 0.8), 9.0)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width + 3.2, 0.32 * len(rows) + 2.0), sharey=True,
+                             layout="constrained")
+    for ax, g, (_, title) in zip(axes, grids, panels):
+        im = ax.imshow(g, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        if layers <= 16:  # the values themselves, while the cells are wide enough to hold them
+            for (i, j), v in np.ndenumerate(g):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.2f}".replace("-0.00", "0.00"), ha="center", va="center", fontsize=7,
+                            color="white" if abs(v) > 0.6 * lim else "black")
+        for i in range(1, len(rows)):  # a line between arms
+            if rows[i][0] != rows[i - 1][0]:
+                ax.axhline(i - 0.5, color="black", lw=1)
+        ax.set_title(title)
         ax.set_xlabel("target layer")
-        _integer_ticks(ax)
-    for row in axes:
-        row[0].set_ylabel("cos(delta, W); dashed: merged W")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xticks(range(0, layers, max(1, layers // 8)))  # whole layers only, at most about 8 labels
+    axes[0].set_yticks(range(len(rows)), [f"{a}: {m}_proj" for a, m in rows])
+    fig.colorbar(im, ax=axes, shrink=0.9, label="cosine (0: orthogonal)")
+    fig.suptitle("cosine of the injected delta with the weight, per arm and module (mean over seeds; "
+                 "grey: matrix unchanged)")
     return fig
 
 
 def neurons_figure(results: dict):
     """Jaccard stability of the top-K neurons per layer (source, target; chance dashed), and the
-    share of the delta norm per target layer of each LaTen merge (mean over seeds)."""
+    share of the delta norm per target layer of each LaTen merge (mean over seeds). The legends
+    sit outside the panels, off the data."""
+    from matplotlib.lines import Line2D
     plt = _plt()
     n = results["neurons"]
-    fig, axes = plt.subplots(1, len(KINDS) + 1, figsize=(3.6 * (len(KINDS) + 1), 3.4), squeeze=False)
+    shares: dict = {}
+    for d in n["delta_share"]:
+        for m, v in d["shares"].items():
+            shares.setdefault(d["arm"], {}).setdefault(m, []).append(v)
+    labels = [f"{arm}: {m}_proj" for arm, mods in shares.items() for m in mods]
+    extra = 0.8 + 0.065 * max(map(len, labels)) if labels else 0.0  # room for the legend right of the last panel
+    fig, axes = plt.subplots(1, len(KINDS) + 1, figsize=(3.6 * (len(KINDS) + 1) + extra, 4.0), squeeze=False,
+                             layout="constrained")
     for ax, kind in zip(axes[0], KINDS):
         for role, color in (("source", "C1"), ("target", "C0")):
             vals = [float("nan") if v is None else v for v in n["jaccard"][role].get(kind, [])]
-            ax.plot(vals, color=color, marker=".", label=role)
+            ax.plot(vals, color=color, marker=".")
             ax.axhline(n["chance"][kind][role], color=color, ls="--", lw=0.8)
         ax.set_title(f"{kind}: top-K Jaccard across examples")
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
         _integer_ticks(ax)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].set_ylabel("mean pairwise Jaccard")
+    # one legend for the three Jaccard panels, below the middle one
+    handles = [Line2D([], [], color="C0", marker=".", label="target"),
+               Line2D([], [], color="C1", marker=".", label="source"),
+               Line2D([], [], color="gray", ls="--", lw=0.8, label="chance level")]
+    axes[0][len(KINDS) // 2].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3,
+                                    fontsize=8, frameon=False)
     ax = axes[0][-1]
-    shares: dict = {}
-    for d in n["delta_share"]:
-        for m, v in d["shares"].items():
-            shares.setdefault(d["arm"], {}).setdefault(m, []).append(v)
+    # modules in colours C2.. so that none repeats the Jaccard panels' target (C0) or source (C1)
     for i, (arm, mods) in enumerate(shares.items()):
         for m, runs in mods.items():
-            ax.plot([sum(c) / len(c) for c in zip(*runs)], color=f"C{MODULES.index(m)}",
-                    ls=["-", "--", ":", "-."][i % 4], marker=".", label=f"{arm} {m}")
-    if not shares:
-        ax.text(0.5, 0.5, "no LaTen merge given", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=6)
+            ax.plot([sum(c) / len(c) for c in zip(*runs)], color=f"C{MODULES.index(m) + 2}",
+                    ls=["-", "--", ":", "-."][i % 4], marker=".", label=f"{arm}: {m}_proj")
     ax.set_title("share of ||delta||^2 per target layer")
     ax.set_xlabel("target layer")
     _integer_ticks(ax)
-    fig.tight_layout()
+    if not shares:  # an empty panel with a note, no meaningless ticks
+        ax.text(0.5, 0.5, "no LaTen merge given", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     return fig
 
 
@@ -314,9 +342,10 @@ def markdown(results: dict) -> str:
             f"{mem['full_grams_exact'] / 2**20:.1f} MiB, the activations themselves {mem['all_activations'] / 2**20:.1f} MiB.", ""]
     out += ["## 2. Parametric similarity of the injected deltas", ""]
     if results["parametric"]:
-        out += ["Mean over target layers (and seeds) of cos(delta, target weight), cos(delta, merged weight) and "
-                "||delta|| / ||W||; a LaTen merge on the rows or columns it touched, any other arm on every "
-                "linear matrix.", "", "![parametric](parametric.png)", "",
+        out += ["The figure: cos(delta, target weight) and cos(delta, merged weight) per target layer, one row per "
+                "arm and module (mean over seeds); the table: their means over target layers (and seeds) and "
+                "||delta|| / ||W||. A LaTen merge is compared on the rows or columns it touched, any other arm on "
+                "every linear matrix.", "", "![parametric](parametric.png)", "",
                 "| arm | seed | module | cos(delta, W_target) | cos(delta, W_merged) | relative norm |",
                 "| --- | --- | --- | --- | --- | --- |"]
         for p in results["parametric"]:

@@ -80,3 +80,50 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def _z(p: float) -> float:
+    from scipy.stats import norm
+    return float(norm.ppf(p))
+
+
+def mdd_mcnemar(n: int, discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference in proportions that an exact-McNemar-like test of `n` paired 0/1
+    items detects with `power` at two-sided `alpha`, by Connor's (1987) sample-size formula
+    n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2, psi the discordant share. A gain of d needs
+    at least d of the items discordant, so psi = max(observed, d): with no discordant items seen
+    the answer is the gain made of improvements only."""
+    if n < 1:
+        return float("nan")
+    za, zb = _z(1 - alpha / 2), _z(power)
+
+    def needed(d: float) -> float:
+        psi = max(discordant, d)
+        return (za * psi ** 0.5 + zb * max(psi - d * d, 0.0) ** 0.5) ** 2 / (d * d) - n
+    return _smallest(needed)
+
+
+def mdd_paired(n: int, sd: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest mean paired difference that `n` items detect with `power` at two-sided
+    `alpha` (normal approximation, as Miller 2024 "Adding Error Bars to Evals" sizes paired
+    evaluations): d = (z_a + z_b) sigma / sqrt(n). sigma is the observed standard deviation of the
+    per-item differences, or sqrt(d (1 - d)) if larger (a gain of d made of improvements only)."""
+    if n < 1:
+        return float("nan")
+    za, zb = _z(1 - alpha / 2), _z(power)
+
+    def needed(d: float) -> float:
+        sigma = max(sd, (d * (1 - d)) ** 0.5)
+        return ((za + zb) * sigma / d) ** 2 - n
+    return _smallest(needed)
+
+
+def _smallest(needed) -> float:
+    """The smallest d in (0, 1] with needed(d) <= 0 (needed falls as d grows), to 1e-6."""
+    lo, hi = 1e-9, 1.0
+    if needed(hi) > 0:
+        return 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if needed(mid) <= 0 else (mid, hi)
+    return hi

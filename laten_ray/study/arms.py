@@ -29,7 +29,11 @@ from ..locate import Located
 from ..records import read_records
 
 ARMS: dict[str, "Arm"] = {}
-MODEL = "model"  # the arm's HF folder, inside its study folder
+
+
+def model_folder(budget: int | None) -> str:
+    """The arm's HF folder of a budget, inside its unit folder."""
+    return "model" if budget is None else f"model-{budget}"
 
 
 def register(arm: "Arm") -> "Arm":
@@ -50,9 +54,9 @@ class Arm:
         raise NotImplementedError
 
     def build(self, study, seed: int | None, folder: Path, needs: dict[str, Path]) -> dict:
-        """Make the model in `folder` (resuming what a killed build left there); return
-        {"model": its folder relative to `folder`, or a spec with "as_is": True,
-         "metrics": a metrics.jsonl relative to `folder`, or None}."""
+        """Make the model of every budget in `folder` (resuming what a killed build left there);
+        return {"models": {budget_key: its folder relative to `folder`}, or {"model": a spec,
+        "as_is": True}, and "metrics": a metrics.jsonl relative to `folder`, or None}."""
         raise NotImplementedError
 
 
@@ -83,6 +87,30 @@ class AsIs(Arm):
         return {"model": getattr(study, self.role).model, "as_is": True, "metrics": None}
 
 
+def loaded_pair(cfg):
+    """The source (a locate.Source) and the target (model, tokenizer), loaded once for a unit's
+    training and every merge."""
+    from ..locate import Source
+    from ..models import load_model, load_tokenizer, pick_device
+    target = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+    return Source(cfg), (target, load_tokenizer(cfg.target.model))
+
+
+def merge_budgets(study, cfg, folder: Path, source, target, **edits) -> dict[str, str]:
+    """Merge the run's checkpoint of every budget into its own folder; one already merged (a
+    resumed build) is kept."""
+    from ..hints import MERGE_REPORT
+    from ..merge import merge
+    from .units import budget_key
+    models = {}
+    for budget in study.budget_list:
+        out = folder / model_folder(budget)
+        if not (out / MERGE_REPORT).is_file():
+            merge(cfg, budget, None, out, overwrite=True, source=source, target_model=target, **edits)
+        models[budget_key(budget)] = out.name
+    return models
+
+
 class Laten(Arm):
     name = "laten"
     trains = True
@@ -91,14 +119,16 @@ class Laten(Arm):
         return run_key(study, seed)
 
     def build(self, study, seed, folder, needs):
-        from ..merge import merge
         from ..train import train
         cfg = study.run_config(seed, folder / "run")
+        source, target = loaded_pair(cfg)
         t0 = time.perf_counter()
-        train(cfg, source_edit=self.train_edit(seed))
+        train(cfg, source_edit=self.train_edit(seed), keep=[b for b in study.budget_list if b],
+              source=source, target_model=target)
         t1 = time.perf_counter()
-        merge(cfg, None, None, folder / MODEL, overwrite=True, **self.merge_edits(study, seed))
-        return {"model": MODEL, "metrics": "run/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+        models = merge_budgets(study, cfg, folder, source, target, **self.merge_edits(study, seed))
+        return {"models": models, "metrics": "run/metrics.jsonl", "train_s": t1 - t0,
+                "merge_s": time.perf_counter() - t1}
 
     def train_edit(self, seed: int):
         return None
@@ -161,15 +191,14 @@ class LatenRandomNeurons(Arm):
 
     def build(self, study, seed, folder, needs):
         from ..arch import shape_of
-        from ..merge import merge
         from ..models import read_model_config
         shape = shape_of(read_model_config(study.target.model))
         cfg = study.run_config(seed, needs["laten"] / "run")  # laten's trained hypernetwork
         sizes = {m: shape.neurons(m) for m in cfg.transfer.modules}
         t0 = time.perf_counter()
-        merge(cfg, None, None, folder / MODEL, overwrite=True, control="random-neurons",
-              target_edit=lambda located: random_neurons(located, sizes, seed))
-        return {"model": MODEL, "metrics": None, "merge_s": time.perf_counter() - t0}
+        models = merge_budgets(study, cfg, folder, *loaded_pair(cfg), control="random-neurons",
+                               target_edit=lambda located: random_neurons(located, sizes, seed))
+        return {"models": models, "metrics": None, "merge_s": time.perf_counter() - t0}
 
 
 def laten_steps(study, seed: int):
@@ -187,23 +216,34 @@ def laten_steps(study, seed: int):
 def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, lora, note: dict,
                model=None, init=None) -> dict:
     """LoRA-fine-tune the target (or `model`) on `steps`, one optimizer step each, and write the
-    merged folder; what every LoRA arm shares. The labels of each step go to sft/examples.json."""
+    merged folder of every budget; what every LoRA arm shares. The labels of each step go to
+    sft/examples.json."""
     from ..lora import Optim, finetune
     from ..models import load_model, load_tokenizer, pick_device
+    from .units import budget_key
     (folder / "sft").mkdir(parents=True, exist_ok=True)
     ckpt.save_json(labels, folder / "sft" / "examples.json")
     t = cfg.train
     optim = Optim(t.micro_batch_size, cfg.data.max_length, cfg.data.train_on_inputs, t.weight_decay,
-                  tuple(t.betas), t.warmup_ratio)
+                  tuple(t.betas), t.warmup_ratio, t.schedule, t.warmup_steps)
     tokenizer = load_tokenizer(cfg.target.model)
     if model is None:
         model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+    budgets = [b for b in study.budget_list if b is not None]
+    merge_s = 0.0
+
+    def save(budget: int | None, merged) -> None:
+        nonlocal merge_s
+        t = time.perf_counter()
+        ckpt.save_model_folder(merged, tokenizer, folder / model_folder(budget), {"laten_sft.json": {
+            **note, "lora": asdict(lora), "steps": budget or len(steps)}})
+        merge_s += time.perf_counter() - t
     t0 = time.perf_counter()
-    merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", init=init)
-    t1 = time.perf_counter()
-    ckpt.save_model_folder(merged, tokenizer, folder / MODEL,
-                           {"laten_sft.json": {**note, "lora": asdict(lora), "steps": len(steps)}})
-    return {"model": MODEL, "metrics": "sft/metrics.jsonl", "train_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+    merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", init=init,
+                         at_budget=save, budgets=tuple(budgets))
+    save(study.budget_list[-1], merged)
+    return {"models": {budget_key(b): model_folder(b) for b in study.budget_list}, "metrics": "sft/metrics.jsonl",
+            "train_s": time.perf_counter() - t0 - merge_s, "merge_s": merge_s}
 
 
 class SftLora(Arm):

@@ -68,6 +68,8 @@ class StudyConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: object = 3            # a count (seeds 0..n-1) or a list of ints
+    budgets: list[int] | None = None  # training steps at which every trained arm is evaluated; it
+                                 # trains once to the largest (default: one budget, laten.train.steps)
     engine: str = "auto"         # evaluation engine: auto (vLLM if installed), hf, vllm
     laten: dict = field(default_factory=dict)  # LaTen's settings: transfer, attribution, hypernet,
                                                 # train, merge, data.max_length/train_on_inputs
@@ -84,13 +86,26 @@ class StudyConfig:
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
+    @property
+    def budget_list(self) -> list[int | None]:
+        """The budgets in ascending order; [None]: one run of laten.train.steps (its default)."""
+        return sorted(self.budgets) if self.budgets else [None]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def run_config(self, seed: int, run_dir: Path | None = None) -> Config:
-        """The LaTen run config of one seed (checked), its folder `run_dir`."""
+        """The LaTen run config of one seed (checked), its folder `run_dir`. With budgets it runs
+        to the largest, on a schedule whose checkpoints are runs of fewer steps: warm-up over
+        warmup_ratio of the smallest budget, then constant (unless laten.train says otherwise)."""
         tree = {section: dict(self.laten.get(section) or {}) for section in LATEN_SECTIONS}
         tree["data"].update(align=self.task.align, extract=self.task.extract)
+        if self.budgets:
+            train = tree["train"]
+            train["steps"] = max(self.budgets)
+            train.setdefault("schedule", "constant")
+            if train.get("warmup_steps") is None:
+                train["warmup_steps"] = round(min(self.budgets) * train.get("warmup_ratio", 0.3))
         run_dir = Path(run_dir) if run_dir else self.study_dir / "run"
         tree.update(name=run_dir.name, output_dir=str(run_dir.parent), seed=seed,
                     source=dataclasses.asdict(self.source), target=dataclasses.asdict(self.target))
@@ -126,6 +141,7 @@ def check_study(study: StudyConfig) -> None:
     if study.engine not in ENGINES:
         raise ConfigError(f"engine: {study.engine!r} is not one of {', '.join(ENGINES)}")
     _check_seeds(study.seeds)
+    _check_budgets(study)
     if not study.arms:
         raise ConfigError("arms: name at least one arm")
     for i, arm in enumerate(study.arms):
@@ -196,6 +212,28 @@ def check_study(study: StudyConfig) -> None:
     _each("ray", {k: getattr(r, k) for k in ("num_cpus", "num_gpus", "eval_num_cpus", "eval_num_gpus")},
           lambda v: v >= 0, "must not be negative")
     _each("ray", {"parallel": r.parallel}, lambda v: v is None or v >= 1, "must be at least 1")
+
+
+def _check_budgets(study: StudyConfig) -> None:
+    b = study.budgets
+    if b is None:
+        return
+    if not isinstance(b, list) or not b:
+        raise ConfigError(f"budgets: expected a list of step counts, e.g. [8, 64, 512], got {b!r}")
+    for i, n in enumerate(b):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"budgets[{i}]: expected a positive number of training steps, got {n!r}")
+    if len(set(b)) != len(b):
+        raise ConfigError(f"budgets: {b} repeats a budget")
+    train = study.laten.get("train") or {}
+    if isinstance(train, dict) and train.get("steps") is not None:
+        raise ConfigError("laten.train.steps: a study with budgets trains to its largest budget; "
+                          "set `budgets` instead")
+    if len(b) > 1 and isinstance(train, dict) and train.get("schedule") == "one-cycle":
+        raise ConfigError("laten.train.schedule: one-cycle decays to the run's end, so its checkpoints are not "
+                          "runs of fewer steps; several budgets need `constant`")
+    if len(b) > 1 and "seeking" in study.arms and study.seeking.data != "laten":
+        raise ConfigError("seeking.data: several budgets need seeking to train on LaTen's steps (`laten`)")
 
 
 def _check_seeds(seeds) -> None:
