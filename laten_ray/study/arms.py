@@ -31,6 +31,11 @@ from ..records import read_records
 ARMS: dict[str, "Arm"] = {}
 
 
+def budget_key(budget: int | None) -> str:
+    """A budget as a key of built.json's models and plan.json's evals: "64", or "-" for none."""
+    return "-" if budget is None else str(budget)
+
+
 def model_folder(budget: int | None) -> str:
     """The arm's HF folder of a budget, inside its unit folder."""
     return "model" if budget is None else f"model-{budget}"
@@ -101,7 +106,6 @@ def merge_budgets(study, cfg, folder: Path, source, target, **edits) -> dict[str
     resumed build) is kept."""
     from ..hints import MERGE_REPORT
     from ..merge import merge
-    from .units import budget_key
     models = {}
     for budget in study.budget_list:
         out = folder / model_folder(budget)
@@ -220,7 +224,6 @@ def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, l
     sft/examples.json."""
     from ..lora import Optim, finetune
     from ..models import load_model, load_tokenizer, pick_device
-    from .units import budget_key
     (folder / "sft").mkdir(parents=True, exist_ok=True)
     ckpt.save_json(labels, folder / "sft" / "examples.json")
     t = cfg.train

@@ -19,16 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from .arms import ARMS, data_fingerprint
+from .arms import ARMS, budget_key, data_fingerprint
 from .config import StudyConfig
 
 BUILT = "built.json"
 PLAN = "plan.json"
-
-
-def budget_key(budget: int | None) -> str:
-    """A budget as a key of built.json's models and plan.json's evals: "64", or "-" for none."""
-    return "-" if budget is None else str(budget)
 
 
 def digest(key: dict) -> str:
