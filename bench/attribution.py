@@ -3,6 +3,17 @@
     python bench/attribution.py                 # all parts (the Qwen-shaped part takes minutes)
     python bench/attribution.py --skip-qwen     # only the Llama comparison
     python bench/attribution.py --skip-llama --skip-qwen   # only the score cache (about a minute)
+    python bench/attribution.py --only-kernels  # the scoring kernels, series against exact
+
+Kernels part: the paper code's anchor shape (random Llama hidden 512, FFN 1376, 6 layers, 8
+heads, vocab 32000, fp32, one thread): seconds per example at batch 1, 8 and 64 for the exact
+scoring pass (five passes over each [B, nc, vc] logits block) and the series one
+(attribution.kernel: series: the cumulant series for the pairs it holds for, the exact pass for
+the rest), side by side, each against the paper's code on that shape (94.4 s per example,
+measured side by side with this project on the same machine kind when issue 22 was filed; its
+code is not part of this repository, so it is not re-run here). Also the largest difference
+between the two, the share of pairs the series took, and each kernel's error against a float64
+computation of one random layer.
 
 Llama part: a random Llama (hidden 1024, FFN 2816, 8 layers, 16 heads, vocab 32000, fp32) scores
 the same examples three ways:
@@ -260,6 +271,61 @@ def qwen_worker(args) -> None:
                           params=sum(p.numel() for p in model.parameters()))))
 
 
+PAPER_S_PER_EXAMPLE = 94.4  # the paper's code on the anchor shape (see the docstring)
+
+
+def kernels_part(args) -> None:
+    from laten_ray import attribution
+    from laten_ray.attribution import attribute_each, neuron_scores
+    model = random_llama(32000, 512, 1376, 6, 8)
+    arch, tokenizer = Arch(model), build_tokenizer()
+    examples = read_examples(args.data, limit=64)
+    print(f"anchor shape: hidden 512, FFN 1376, 6 layers, 8 heads, vocab 32000, fp32, {torch.get_num_threads()} thread(s)")
+    pairs = {"series": 0, "all": 0}
+    series_scores = attribution._series_scores
+
+    def counting(p, proj, a, w):  # the share of (example, neuron) pairs the series took
+        got, usable = series_scores(p, proj, a, w)
+        pairs["series"] += int(usable.sum())
+        pairs["all"] += usable.numel()
+        return got, usable
+    attribution._series_scores = counting
+    print(f"{'batch':>6} {'examples':>9} {'exact s/ex':>11} {'series s/ex':>12} {'speed-up':>9} "
+          f"{'exact vs paper':>15} {'series vs paper':>16}")
+    for batch, n in ((1, 2), (8, 8), (64, 64)):
+        times = {}
+        for kernel in ("exact", "series"):
+            t0 = time.perf_counter()
+            scores = attribute_each(arch, tokenizer, examples[:n], batch_size=batch, group=batch, kernel=kernel)
+            times[kernel] = (time.perf_counter() - t0) / n
+            if kernel == "exact":
+                exact = scores
+        diff = max(float((a.ffn - b.ffn).abs().max()) for a, b in zip(scores, exact))
+        print(f"{batch:>6} {n:>9} {times['exact']:>11.2f} {times['series']:>12.2f} {times['exact'] / times['series']:>8.1f}x "
+              f"{PAPER_S_PER_EXAMPLE / times['exact']:>14.0f}x {PAPER_S_PER_EXAMPLE / times['series']:>15.0f}x"
+              f"   (largest FFN score difference: {diff:.1e})")
+    attribution._series_scores = series_scores
+    print(f"pairs scored by the series: {100 * pairs['series'] / max(pairs['all'], 1):.1f}% (the rest exactly)")
+    # one layer in float64 as the reference both paths approximate
+    torch.manual_seed(0)
+    V, d, n, B = 32000, 512, 1376, 8
+    unembed, vectors = torch.randn(V, d) * 0.05, torch.randn(d, n) * 0.05
+    base, coef, r, w = torch.randn(B, d), torch.randn(B, n), torch.ones(B), torch.randint(0, V, (B,))
+    z = (base.double() @ unembed.double().T) / r.double()[:, None]           # [B, V]
+    alpha = coef.double() / r.double()[:, None]                              # [B, n]
+    exact = torch.empty(B, n, dtype=torch.float64)
+    for n0 in range(0, n, 64):                                               # float64 throughout
+        proj = vectors.double()[:, n0:n0 + 64].T @ unembed.double().T        # [64, V]
+        a = alpha[:, n0:n0 + 64, None]
+        lse = torch.logsumexp(z[:, None, :] + a * proj[None], dim=-1)        # [B, 64]
+        exact[:, n0:n0 + 64] = a[..., 0] * proj[:, w].T - (lse - torch.logsumexp(z, -1, keepdim=True))
+    top = float(exact.abs().max())
+    for kernel in ("exact", "series"):
+        got = neuron_scores(unembed, vectors, base, coef, r, w, 256 << 20, series=kernel == "series")
+        print(f"one random layer, {kernel}: largest error against float64 {float((got - exact).abs().max()):.1e} "
+              f"(largest score {top:.2f})")
+
+
 def qwen_part(args) -> None:
     print(f"\nQwen2.5-1.5B-shaped run (bf16 weights, random) in a fresh process: {args.qwen_examples} "
           f"example(s), chunk budget {args.chunk_mb} MB ...", flush=True)
@@ -302,6 +368,7 @@ def main() -> None:
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-qwen", action="store_true")
     p.add_argument("--skip-cache", action="store_true")
+    p.add_argument("--only-kernels", action="store_true", help="only the scoring kernels, series against exact")
     p.add_argument("--qwen-examples", type=int, default=1)
     p.add_argument("--qwen-layers", type=int, default=2,
                    help="Qwen layers to score (0 = all 28); peak memory does not depend on it, "
@@ -311,6 +378,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.qwen_worker:
         return qwen_worker(args)
+    if args.only_kernels:
+        return kernels_part(args)
     if not args.skip_llama:
         tokenizer = build_tokenizer()
         examples = read_examples(args.data, limit=args.examples)

@@ -8,6 +8,7 @@ compute P once per layer, in chunks, and score every example of the batch agains
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,23 +98,70 @@ def log_prob(unembed: torch.Tensor, y: torch.Tensor, r: torch.Tensor, w: torch.T
     return logits.gather(1, w[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+SERIES_T = 0.1  # kernel series: pairs with |alpha| x range(P_k) <= this take the cumulant series
+                # (truncation error <= 0.34 t^5 / 120 < 3e-8 nats, below float32's rounding of a
+                # log-sum-exp); the others the exact pass
+SERIES_MIN_BATCH = 4  # below this the series' per-neuron work (powers, moments) is not repaid
+
+
+def _series_scores(p: torch.Tensor, proj: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores by the cumulant series, and where it may be used. With Q = P_k - c_k (c_k its
+    mid-range, so |Q| <= r_k / 2) and p = softmax(base logits), log sum_v exp(z_v + a P_kv) -
+    LSE(z) = a c_k + K(a), K the cumulant generating function of Q under p:
+    K(a) = k1 a + k2 a^2/2 + k3 a^3/6 + k4 a^4/24 + O((a r_k)^5), from four moment matmuls
+    shared by the batch instead of B x V exponentials per neuron. The score a P_kw - (that) is
+    formed without subtracting two log-sum-exps, so it loses nothing to cancellation.
+    p [B, V], proj [nc, V], a [B, nc], w [B] -> (scores [B, nc], usable [B, nc])"""
+    hi, lo = proj.amax(dim=-1), proj.amin(dim=-1)                 # [nc]
+    c = (hi + lo) / 2
+    q = proj - c[:, None]                                         # [nc, V]
+    power, m = q.clone(), []
+    for j in range(4):                                            # E_p[Q^1..4], each [B, nc]
+        if j:
+            power.mul_(q)
+        m.append(p @ power.T)
+    m1, m2, m3, m4 = m
+    k2 = m2 - m1 * m1
+    k3 = m3 - 3 * m2 * m1 + 2 * m1 ** 3
+    k4 = m4 - 4 * m3 * m1 - 3 * m2 * m2 + 12 * m2 * m1 * m1 - 6 * m1 ** 4
+    series = a * (proj[:, w].T - c - m1) - a ** 2 * k2 / 2 - a ** 3 * k3 / 6 - a ** 4 * k4 / 24
+    return series, a.abs() * (hi - lo) <= SERIES_T
+
+
 def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tensor,
                   coef: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
-                  budget_bytes: int) -> torch.Tensor:
-    """log P(w | base + coef_k * u_k) - log P(w | base) for every neuron k, exactly.
+                  budget_bytes: int, proj_dtype: torch.dtype = torch.float32, series: bool = False) -> torch.Tensor:
+    """log P(w | base + coef_k * u_k) - log P(w | base) for every neuron k, exactly (up to the
+    projection's matmul, computed in `proj_dtype`: see attribution.precision). `series`: where
+    |alpha| x range(P_k) <= SERIES_T the cumulant series (_series_scores), exact to below float32
+    rounding, and the exact pass for the other (example, neuron) pairs only (for SERIES_MIN_BATCH
+    examples or more; fewer take the exact pass throughout).
 
     unembed [V, d], vectors [d, n] (u_k = column k), base [B, d], coef [B, n], r [B], w [B] -> [B, n]
     """
     V = unembed.shape[0]
     B, n = coef.shape
+    series = series and B >= SERIES_MIN_BATCH
     base_logits = (base @ unembed.T) / r[:, None]                  # [B, V]
     base_lse = torch.logsumexp(base_logits, dim=-1, keepdim=True)  # [B, 1]
     alpha = coef / r[:, None]                                      # [B, n]
     out = torch.empty(B, n, dtype=torch.float32, device=base.device)
+    low = unembed.to(proj_dtype) if proj_dtype != torch.float32 else unembed  # [V, d]
     block_bytes = budget_bytes if base.is_cuda else CPU_BLOCK_BYTES
-    nc, vc = chunk_sizes(V, B, n, budget_bytes, block_bytes)
+    nc, vc = chunk_sizes(V, B, n, budget_bytes // (3 if series else 1), block_bytes)  # series: 2 more [nc, V]
+    p = torch.softmax(base_logits, dim=-1) if series else None    # [B, V]
     for n0 in range(0, n, nc):
-        proj = vectors[:, n0:n0 + nc].T @ unembed.T                # [nc, V]: P^T for this chunk
+        proj = (vectors[:, n0:n0 + nc].T.to(low.dtype) @ low.T).float()  # [nc, V]: P^T for this chunk
+        if series:
+            got, usable = _series_scores(p, proj, alpha[:, n0:n0 + nc], w)
+            out[:, n0:n0 + nc] = got
+            rest = (~usable).nonzero()                             # [M, 2]: (example, neuron) pairs
+            for i in range(0, rest.shape[0], max(1, (block_bytes // 4) // V)):
+                b, k = rest[i:i + (block_bytes // 4) // V].T       # the exact pass, pair by pair
+                x = torch.addcmul(base_logits[b], alpha[b, n0 + k, None], proj[k])  # [m, V]
+                lse = torch.logsumexp(x, dim=-1)
+                out[b, n0 + k] = alpha[b, n0 + k] * proj[k, w[b]] - (lse - base_lse[b, 0])
+            continue
         a = alpha[:, n0:n0 + nc, None]                             # [B, nc, 1]
         lse = torch.full(a.shape[:2], float("-inf"), device=base.device)  # [B, nc]
         for v0 in range(0, V, vc):
@@ -126,7 +174,8 @@ def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tens
     return out
 
 
-def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
+def score_each(arch: Arch, cap: Captured, budget_bytes: int, proj_dtype: torch.dtype = torch.float32,
+               series: bool = False) -> list[Scores]:
     """Scores of each captured example, one layer at a time; every per-layer projection is
     computed once and shared by all B examples."""
     s = arch.shape
@@ -144,8 +193,8 @@ def score_each(arch: Arch, cap: Captured, budget_bytes: int) -> list[Scores]:
         layer_ffn.append(lp_out - lp_mid)  # [B]
         w_down = arch.weight(i, "down").float()  # [d, f]
         w_o = arch.weight(i, "o").float()        # [d, A]
-        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.mlp_act[:, i], r, w, budget_bytes))
-        attn.append(neuron_scores(unembed, w_o, h_in, cap.attn_heads[:, i], r, w, budget_bytes))
+        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.mlp_act[:, i], r, w, budget_bytes, proj_dtype, series))
+        attn.append(neuron_scores(unembed, w_o, h_in, cap.attn_heads[:, i], r, w, budget_bytes, proj_dtype, series))
     stacked = [torch.stack(t, dim=1).cpu() for t in (layer_attn, layer_ffn, ffn, attn)]  # [B, L, ...]
     return [Scores(*(t[b] for t in stacked), n_examples=1) for b in range(cap.token.shape[0])]
 
@@ -156,17 +205,39 @@ def score_captured(arch: Arch, cap: Captured, budget_bytes: int) -> Scores:
     return sum(each[1:], each[0])
 
 
+PRECISIONS = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def matmul_precision(precision: str):
+    """float32 matmuls as `attribution.precision` says, inside this block only: "float32" exact
+    (even where the process has turned TF32 on), "tf32" TF32 tensor cores on NVIDIA GPUs (float32
+    elsewhere), "bfloat16" as float32 here (its projections are cast instead, score_each). The
+    global settings are put back after, so training and the caller's code never see them."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def attribute_each(arch: Arch, tokenizer, examples: list[Example], batch_size: int = 8,
-                   budget_bytes: int = 256 << 20, group: int = 64) -> list[Scores]:
+                   budget_bytes: int = 256 << 20, group: int = 64, precision: str = "float32",
+                   kernel: str = "series") -> list[Scores]:
     """Scores of each example. Forward passes go `batch_size` examples at a time; each per-layer
-    projection is computed once per `group` examples and shared by all of them."""
+    projection is computed once per `group` examples and shared by all of them. `kernel`:
+    attribution.kernel, series (the cumulant series where it holds, neuron_scores) or exact."""
     out = []
-    for g0 in range(0, len(examples), group):
-        chunk = examples[g0:g0 + group]
-        parts = [capture(arch, attribution_batch(tokenizer, chunk[i:i + batch_size]))
-                 for i in range(0, len(chunk), batch_size)]
-        with torch.inference_mode():
-            out += score_each(arch, Captured.cat(parts), budget_bytes)
+    with matmul_precision(precision):
+        for g0 in range(0, len(examples), group):
+            chunk = examples[g0:g0 + group]
+            parts = [capture(arch, attribution_batch(tokenizer, chunk[i:i + batch_size]))
+                     for i in range(0, len(chunk), batch_size)]
+            with torch.inference_mode():
+                out += score_each(arch, Captured.cat(parts), budget_bytes, PRECISIONS[precision], kernel == "series")
     return out
 
 

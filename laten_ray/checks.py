@@ -39,7 +39,21 @@ def check_inputs(cfg: Config) -> Config:
         except DataError as e:
             raise ConfigError(f"{key}: {e}") from None
     check_models_fit(cfg)
+    if not cfg.data.align.startswith("hf:"):  # a hub dataset is counted when training reads it
+        from .data import read_examples
+        try:
+            n_align = len(read_examples(cfg.data.align))
+        except DataError as e:
+            raise ConfigError(f"data.align: {e}") from None
+        check_align_per_step(cfg, n_align)
     return cfg
+
+
+def check_align_per_step(cfg: Config, n_align: int) -> None:
+    """Each step draws train.align_per_step distinct align examples: no more than there are."""
+    if cfg.train.align_per_step > n_align:
+        raise ConfigError(f"train.align_per_step: {cfg.train.align_per_step} align examples per step, but "
+                          f"data.align ({cfg.data.align}) has {n_align}; lower align_per_step or add examples")
 
 
 def check_models_fit(cfg: Config) -> None:

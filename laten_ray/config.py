@@ -67,6 +67,8 @@ class AttributionConfig:
     chunk_mb: int = 256   # memory for the vocabulary x neuron blocks of the exact scores
     cache: str = ""       # folder of cached scores (score_cache.py; relative to the working
                           # directory); "" = $LATEN_ATTRIBUTION_CACHE, unset = off
+    precision: str = "float32"  # matmuls of attribution only: float32, tf32 (GPU), bfloat16
+    kernel: str = "series"  # the scoring pass: series (cumulant series where it holds, else exact) or exact
 
 
 @dataclass
@@ -98,6 +100,8 @@ class MergeConfig:
     rate: float | None = None  # default transfer.rate
     dtype: str = ""           # dtype of the merged weights; default target.dtype. Small deltas
                               # added to bfloat16 weights partly round away: float32 keeps them
+    locate: str = "seed-example"  # the neurons the deltas go to: those of one example (the
+                                  # paper's), or extract-sum: of the scores summed over data.extract
 
 
 @dataclass
@@ -109,6 +113,9 @@ class ActorConfig:
 TRANSPORTS = ("object_store", "nccl", "gloo", "nixl", "cuda_ipc")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SCHEDULES = ("one-cycle", "constant")
+PRECISIONS = ("float32", "tf32", "bfloat16")
+MERGE_LOCATES = ("seed-example", "extract-sum")
+KERNELS = ("series", "exact")
 
 
 @dataclass
@@ -359,6 +366,8 @@ def validate(cfg: Config) -> None:
         _check_rate(cfg.merge.rate, "merge.rate")
     if cfg.merge.dtype:
         _check_dtype(cfg.merge.dtype, "merge.dtype")
+    if cfg.merge.locate not in MERGE_LOCATES:
+        raise ConfigError(f"merge.locate: {cfg.merge.locate!r} is not one of {', '.join(MERGE_LOCATES)}")
     bad = [m for m in cfg.transfer.modules if m not in MODULES]
     if bad or not cfg.transfer.modules or len(set(cfg.transfer.modules)) != len(cfg.transfer.modules):
         raise ConfigError(f"transfer.modules: {cfg.transfer.modules} must be distinct names from "
@@ -386,6 +395,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.schedule: {cfg.train.schedule!r} is not one of {', '.join(SCHEDULES)}")
     if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps: must not be negative, got {cfg.train.warmup_steps}")
+    if cfg.attribution.kernel not in KERNELS:
+        raise ConfigError(f"attribution.kernel: {cfg.attribution.kernel!r} is not one of {', '.join(KERNELS)}")
+    if cfg.attribution.precision not in PRECISIONS:
+        raise ConfigError(f"attribution.precision: {cfg.attribution.precision!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.attribution.cache != cfg.attribution.cache.strip():
         raise ConfigError(f"attribution.cache: a folder path without leading or trailing spaces, "
                           f"got {cfg.attribution.cache!r}")

@@ -66,9 +66,17 @@ def attribution_text(example: Example) -> str:
 
 
 def attribution_ids(tokenizer, example: Example) -> tuple[list[int], int]:
-    """(input ids, attributed token w): the tokens of the attribution text but the last, and the last."""
-    ids = tokenizer(attribution_text(example), add_special_tokens=False)["input_ids"]
-    if len(ids) < 2:
+    """(input ids, attributed token w): the tokens of the attribution text but the last, and the
+    last. As the paper's code (`tokenizer.encode(text)`): with the special tokens the tokenizer
+    puts first (Llama's BOS; none for Qwen2), as training's prompts have them; one it would put
+    after the text (an EOS) is left out, so w is the answer's last token."""
+    text = attribution_text(example)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = next((s for s in range(len(ids) - len(plain) + 1) if ids[s:s + len(plain)] == plain), None)
+    if start is not None:
+        ids = ids[:start + len(plain)]
+    if len(ids) < 2 or not plain:
         raise DataError(f"example {example.id!r}: attribution text has fewer than 2 tokens")
     return ids[:-1], ids[-1]
 

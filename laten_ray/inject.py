@@ -43,13 +43,26 @@ def injected(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.
 
 
 @torch.no_grad()
-def merge_into(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
-    """Add the deltas into the weights for real (in float32, then back to the weight's dtype)."""
+def merge_into(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Add the deltas into the weights for real (in float32, then back to the weight's dtype).
+    Returns the share of each module's delta that survived the rounding to the weight's dtype,
+    and of all together ("all"): <saved - original, delta> / |delta|^2, over the edited rows or
+    columns in float32. 1.0 when the weights hold it (float32), near 0 when it rounds away."""
+    along, norm = {}, {}
     for module, d in delta.items():
         axis = NEURON_AXIS[module]
+        along[module] = norm[module] = 0.0
         for layer in range(d.shape[0]):
             w = arch.weight(layer, module)
             idx = index[module][layer].to(w.device)
             rows = d[layer].to(device=w.device, dtype=torch.float32)  # [K, d_t]
-            edited = w.index_select(axis, idx).float() + (rows if axis == 0 else rows.T)
-            w.index_copy_(axis, idx, edited.to(w.dtype))
+            rows = rows if axis == 0 else rows.T
+            before = w.index_select(axis, idx).float()
+            edited = (before + rows).to(w.dtype)
+            w.index_copy_(axis, idx, edited)
+            along[module] += float(((edited.float() - before) * rows).sum())
+            norm[module] += float(rows.pow(2).sum())
+    share = {m: along[m] / norm[m] if norm[m] else 1.0 for m in delta}
+    total = sum(norm.values())
+    share["all"] = sum(along.values()) / total if total else 1.0
+    return share

@@ -92,11 +92,12 @@ class _Model:
     cache hits and misses in examples."""
 
     def __init__(self, spec: str, dtype: str, device: str, batch_size: int, chunk_mb: int,
-                 model=None, tokenizer=None, cache: str = ""):
+                 model=None, tokenizer=None, cache: str = "", precision: str = "float32", kernel: str = "series"):
         self.tokenizer = tokenizer or load_tokenizer(spec)
         self.model = model or load_model(spec, dtype, pick_device(device))
         self.arch = Arch(self.model)
         self.batch_size, self.chunk_mb, self.budget = batch_size, chunk_mb, chunk_mb << 20
+        self.precision, self.kernel = precision, kernel
         folder = cache_folder(cache)
         self.cache = ScoreCache(folder, self.model) if folder else None
         self.attribution_seconds = 0.0
@@ -109,9 +110,10 @@ class _Model:
         t0 = time.perf_counter()
         cache = self.cache
         if cache is None:
-            each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget, GROUP)
+            each = attribute_each(self.arch, self.tokenizer, examples, self.batch_size, self.budget, GROUP,
+                                  self.precision, self.kernel)
         else:
-            keys = [cache.key(self.tokenizer, e, self.chunk_mb) for e in examples]
+            keys = [cache.key(self.tokenizer, e, self.chunk_mb, self.precision, self.kernel) for e in examples]
             each, missing = [cache.get(k) for k in keys], []
             if any(s is None for s in each):
                 with cache.lock():
@@ -119,7 +121,7 @@ class _Model:
                     missing = [i for i, s in enumerate(each) if s is None]
                     if missing:
                         fresh = attribute_each(self.arch, self.tokenizer, [examples[i] for i in missing],
-                                               self.batch_size, self.budget, GROUP)
+                                               self.batch_size, self.budget, GROUP, self.precision, self.kernel)
                         for i, s in zip(missing, fresh):
                             cache.put(keys[i], s)
                             cache.note_computed(keys[i])
@@ -142,13 +144,14 @@ class Source(_Model):
         """Loads cfg.source unless an already built model and tokenizer are given."""
         super().__init__(cfg.source.model, cfg.source.dtype, cfg.source.device,
                          cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer,
-                         cfg.attribution.cache)
+                         cfg.attribution.cache, cfg.attribution.precision, cfg.attribution.kernel)
 
     def locate(self, examples: list[Example], target: Shape, counts: dict[str, int],
-               on_cpu: bool = True) -> list[Located]:
-        """One Located with slices per example (on CPU unless `on_cpu` is False)."""
+               on_cpu: bool = True, summed: bool = False) -> list[Located]:
+        """One Located with slices per example (on CPU unless `on_cpu` is False); `summed`: one
+        for the scores summed over the examples."""
         out = []
-        for scores in self.scores(examples):
+        for scores in _summed(self.scores(examples)) if summed else self.scores(examples):
             located = locate_source(self.arch, scores, target, counts)
             if on_cpu:
                 located.slices = {m: t.detach().cpu() for m, t in located.slices.items()}
@@ -164,8 +167,14 @@ class Target(_Model):
         from `rate`."""
         super().__init__(cfg.target.model, dtype or cfg.target.dtype, cfg.target.device,
                          cfg.attribution.batch_size, cfg.attribution.chunk_mb, model, tokenizer,
-                         cfg.attribution.cache)
+                         cfg.attribution.cache, cfg.attribution.precision, cfg.attribution.kernel)
         self.counts = neuron_counts(self.arch.shape, rate, cfg.transfer.modules)
 
-    def locate(self, examples: list[Example]) -> list[Located]:
-        return [locate_target(scores, self.arch.shape, self.counts) for scores in self.scores(examples)]
+    def locate(self, examples: list[Example], summed: bool = False) -> list[Located]:
+        """One Located per example; `summed`: one for the scores summed over the examples."""
+        each = self.scores(examples)
+        return [locate_target(scores, self.arch.shape, self.counts) for scores in (_summed(each) if summed else each)]
+
+
+def _summed(each: list[Scores]) -> list[Scores]:
+    return [sum(each[1:], each[0])]

@@ -28,7 +28,9 @@ from .attribution import Scores
 from .checkpoint import save_bytes
 from .data import Example, attribution_ids, attribution_text
 
-CACHE_VERSION = 2  # bump whenever the scores' formula, its summation order or the file layout changes
+# Bump whenever the scores' formula, their inputs, the summation order or the file layout change
+# (3: attribution ids with the tokenizer's BOS, data.attribution_ids).
+CACHE_VERSION = 3
 ENV = "LATEN_ATTRIBUTION_CACHE"  # the folder when the config names none (a study's runs share it)
 FIELDS = ("layer_attn", "layer_ffn", "ffn", "attn")  # Scores.tensors(): [L], [L], [L, f], [L, A]
 COMPUTED = "computed.log"
@@ -55,11 +57,11 @@ def model_hash(model) -> str:
 
 def hardware(device: torch.device) -> dict:
     """What picks the kernels, and so the bits: CPU capability and threads, or the GPU and its
-    float32/bf16 matmul modes."""
-    out = {"device": device.type, "matmul_precision": torch.get_float32_matmul_precision()}
+    bf16 reduction mode. (The float32 matmul mode is attribution.precision's, set for the
+    attribution alone, so the process's own setting does not count.)"""
+    out = {"device": device.type}
     if device.type == "cuda":
         out.update(gpu=torch.cuda.get_device_name(device),
-                   tf32=torch.backends.cuda.matmul.allow_tf32,
                    bf16_reduced=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
     else:
         out.update(cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
@@ -94,14 +96,17 @@ class ScoreCache:
             self._model_hash = model_hash(self.model)
         return self._model_hash
 
-    def key(self, tokenizer, example: Example, chunk_mb: int) -> dict:
+    def key(self, tokenizer, example: Example, chunk_mb: int, precision: str = "float32",
+            kernel: str = "series") -> dict:
         """Everything that changes a score beyond the last bits: code, libraries, weights, dtype,
-        hardware, the projection's chunking and the example (its text, ids and attributed token)."""
+        hardware, the projection's chunking, precision and kernel, and the example (its text, ids
+        and attributed token)."""
         device = next(self.model.parameters()).device
         ids, w = attribution_ids(tokenizer, example)
         return {"version": CACHE_VERSION, "torch": torch.__version__,
                 "transformers": transformers.__version__, "model": self.model_hash,
                 "dtype": str(self.model.dtype), "hardware": hardware(device), "chunk_mb": chunk_mb,
+                "precision": precision, "kernel": kernel,
                 "example": {"text": attribution_text(example), "ids": ids, "token": w}}
 
     def _dir(self) -> Path:

@@ -214,6 +214,8 @@ class TargetTraining:
         self.target = Target(cfg, cfg.transfer.rate, model=model, tokenizer=tokenizer)
         self.align = read_examples(cfg.data.align)
         self.extract = read_examples(cfg.data.extract)
+        from .checks import check_align_per_step
+        check_align_per_step(cfg, len(self.align))
         self.total = n_steps(cfg, len(self.extract))
         self.trainer = Trainer(cfg, self.target, d_source, self.total)
         self.selections: dict[int, Located] = {}  # extract index -> the target's selection

@@ -173,3 +173,9 @@ def test_a_run_folder_and_a_merged_folder_given_for_each_other(tmp_path, laten_c
     assert f"'{run / 'merged'}' is a merged model folder, not a run folder: its run is '{run}'" in err
     err = fails("merge", "--run", str(tmp_path / "tinny"), cache=laten_cache)
     assert f"did you mean '{run}'?" in err
+
+
+def test_more_align_examples_per_step_than_the_align_set_has(runs, laten_cache):
+    err = fails("train", "--config", TINY_YAML, f"output_dir={runs}", "train.align_per_step=65", cache=laten_cache)
+    assert "train.align_per_step: 65 align examples per step, but data.align (demo:align) has 64" in err
+    assert not runs.exists()

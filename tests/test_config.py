@@ -1,6 +1,7 @@
 """Config loading, `key=value` overrides and validation: every bad input names its key."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -113,8 +114,16 @@ def test_rate_of_one_is_accepted():
 
 def test_an_existing_data_file_is_accepted(tmp_path):
     path = tmp_path / "align.jsonl"
-    path.write_text("")
+    line = json.dumps({"messages": [{"role": "user", "content": "2 x 3?"}, {"role": "assistant", "content": "6"}]})
+    path.write_text((line + "\n") * 15)  # as many as train.align_per_step draws
     assert load(f"data.align={path}").data.align == str(path)
+
+
+def test_an_empty_align_file_is_named(tmp_path):
+    path = tmp_path / "align.jsonl"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"data.align: .*align.jsonl: no examples"):
+        load(f"data.align={path}")
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -286,8 +295,8 @@ def test_task_configs_load_with_their_data_from_any_directory(task, tmp_path, mo
 
 def test_relative_data_files_are_anchored_at_the_config_file_or_the_shell(tmp_path, monkeypatch):
     (tmp_path / "exp").mkdir()
-    (tmp_path / "exp" / "mine.jsonl").write_text(
-        '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n')
+    (tmp_path / "exp" / "mine.jsonl").write_text(  # as many as train.align_per_step draws
+        '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n' * 15)
     config = tmp_path / "exp" / "run.yaml"
     config.write_text(TINY_YAML.read_text() + "\ndata: {align: mine.jsonl, extract: demo:extract}\n")
     monkeypatch.chdir(tmp_path)

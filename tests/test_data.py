@@ -143,13 +143,29 @@ def test_attribution_text_strips_trailing_punctuation(answer, kept):
     assert attribution_text(e) == "<|user|>\nWhat is 2 + 3?\n\n<|assistant|>\n" + kept
 
 
-def test_attribution_ids_are_text_tokens_without_specials_split_at_the_last(tok):
+def _with_template(tok, single: str):
+    """The tiny tokenizer with another post-processor: what other families add around a text."""
+    from tokenizers import processors
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in ("<s>", "</s>")])
+    return tok
+
+
+def test_attribution_ids_are_what_encode_gives_split_at_the_last(tok):
+    """As the paper's code, `tokenizer.encode(text)`: a Llama tokenizer's BOS first; nothing
+    before the text for a Qwen2-like tokenizer (no BOS); an EOS a tokenizer adds at the end is
+    left out, so the attributed token is the answer's last."""
     e = example("So the answer is 42.\n")
-    full = tok(attribution_text(e), add_special_tokens=False)["input_ids"]
-    ids, w = attribution_ids(tok, e)
-    assert ids == full[:-1] and w == full[-1]
-    assert tok.bos_token_id not in ids
-    assert tok.decode(ids + [w]).endswith("42")
+    text = tok(attribution_text(e), add_special_tokens=False)["input_ids"]
+    ids, w = attribution_ids(tok, e)  # Llama-like: "<s> $A"
+    assert ids == [tok.bos_token_id] + text[:-1] and w == text[-1]
+    assert ids == tok.encode(attribution_text(e))[:-1]
+    assert tok.decode(ids + [w], skip_special_tokens=True).endswith("42")
+
+    qwen = _with_template(build_tokenizer(), "$A")
+    assert attribution_ids(qwen, e) == (text[:-1], text[-1])
+    with_eos = _with_template(build_tokenizer(), "<s> $A </s>")
+    assert attribution_ids(with_eos, e) == ([tok.bos_token_id] + text[:-1], text[-1])
 
 
 # --- LM examples and batches ------------------------------------------------------------------

@@ -28,7 +28,7 @@ def test_merged_folder_matches_injected_model(tmp_path, family):
     # the same edit applied through hooks on a fresh target
     source, target = Source(cfg), Target(cfg, rate=0.2)
     hypernet = load_hypernet(cfg, ckpt.load_checkpoint(cfg.run_dir, 2), source.arch.shape.hidden, target)
-    _, selected, deltas = plan_edit(source, target, hypernet, seed_example(cfg))
+    _, selected, deltas = plan_edit(source, target, hypernet, [seed_example(cfg)])
     ids = torch.randint(0, target.arch.shape.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with injected(target.arch, selected.index, deltas):
@@ -99,6 +99,46 @@ def test_merge_dtype_sets_the_saved_weights_dtype(tmp_path):
     full = merge(cfg, step=1, rate=0.2, out=tmp_path / "fp32")
     assert json.loads((full / REPORT).read_text())["dtype"] == "float32"
     assert AutoModelForCausalLM.from_pretrained(full).model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+
+
+def test_the_merge_measures_how_much_of_the_delta_survives(tmp_path):
+    """All of it in float32 weights; with a tiny delta in bfloat16 weights most rounds away, and
+    the merge says so, naming the dtype and merge.dtype."""
+    tree = tiny_config_dict("llama", tmp_path, steps=1, lr=1e-9)  # AdamW's step is about lr: the init stays
+    tree["hypernet"] = {"init_std": 1e-6}  # a tiny delta, as the paper's init and regulariser give
+    cfg = config_from_dict(tree)
+    train(cfg)
+    said = []
+    full = merge(cfg, 1, None, tmp_path / "fp32", say=said.append)
+    survival = json.loads((full / REPORT).read_text())["delta_survival"]
+    assert set(survival) == {"up", "down", "v", "o", "all"}
+    assert all(v == pytest.approx(1.0, abs=1e-3) for v in survival.values())
+    assert said[0].startswith("delta survival: 100.0% of the trained delta is in the saved float32 weights")
+
+    cfg.target.dtype = "bfloat16"
+    said.clear()
+    half = merge(cfg, 1, None, tmp_path / "bf16", say=said.append)
+    survival = json.loads((half / REPORT).read_text())["delta_survival"]
+    assert survival["all"] < 0.5
+    assert "warning: less than half of the trained delta survived rounding to bfloat16" in said[0]
+    assert "merge.dtype=float32" in said[0]
+
+
+def test_merge_locate_and_its_overlap_with_training(tmp_path):
+    """merge.locate picks the neurons from one example (the paper's) or the whole extract set;
+    the report records which, and the Jaccard overlap of the merge's neurons with training's."""
+    cfg = config_from_dict(tiny_config_dict("llama", tmp_path, steps=1))  # one step: extract example 0
+    train(cfg)
+    one = json.loads((merge(cfg, 1, None, tmp_path / "one", say=lambda _: None) / REPORT).read_text())
+    assert one["locate"] == "seed-example" and one["seed_example"]["index"] == 0
+    # training's only step located on extract example 0, at the same rate: the same neurons
+    assert all(v["mean"] == 1.0 and v["per_layer"] == [1.0] * len(v["per_layer"]) for v in one["training_overlap"].values())
+    cfg.merge.locate = "extract-sum"
+    summed = json.loads((merge(cfg, 1, None, tmp_path / "sum", say=lambda _: None) / REPORT).read_text())
+    assert summed["locate"] == "extract-sum" and summed["seed_example"] is None
+    assert all(0 <= v["mean"] <= 1 for v in summed["training_overlap"].values())
+    assert summed["modules"]["up"]["layers"][0]["target_index"] != one["modules"]["up"]["layers"][0]["target_index"] \
+        or summed["modules"]["down"]["layers"][0]["target_index"] != one["modules"]["down"]["layers"][0]["target_index"]
 
 
 def test_merge_rate_is_checked_before_models_load(tmp_path):

@@ -315,6 +315,14 @@ def test_the_demo_study_end_to_end(demo_study):
         assert sum(f"| {', '.join(arms)} | {'-' if budget is None else budget} |" in line
                    for line in table.splitlines()) == 1, arms
 
+    # what each merge added: float32 weights keep the whole delta; the overlap is a Jaccard index
+    merged = {(m["arm"], m["budget"]): m for m in results["merges"]}
+    assert set(merged) == {(a, b) for a in ("laten", "laten-random-neurons", "laten-noise-source") for b in budgets}
+    assert all(m["delta_survival_min"] == pytest.approx(1.0, abs=1e-3) and 0 <= m["training_overlap"] <= 1
+               for m in merged.values())
+    assert merged["laten-random-neurons", 128]["training_overlap"] < merged["laten", 128]["training_overlap"]
+    assert "## What the merges added" in report
+
     # attribution ran once per (model, example) in the whole study: 8 extract examples, 2 models
     log = computed(folder / "attribution-cache")
     assert len(log) == 2 and all(len(v) == len(set(v)) == 8 for v in log.values()), log

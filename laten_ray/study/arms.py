@@ -110,7 +110,8 @@ def merge_budgets(study, cfg, folder: Path, source, target, **edits) -> dict[str
     for budget in study.budget_list:
         out = folder / model_folder(budget)
         if not (out / MERGE_REPORT).is_file():
-            merge(cfg, budget, None, out, overwrite=True, source=source, target_model=target, **edits)
+            merge(cfg, budget, None, out, overwrite=True, source=source, target_model=target,
+                  say=lambda line: None, **edits)  # the report shows what the merge measured
         models[budget_key(budget)] = out.name
     return models
 

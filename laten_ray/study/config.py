@@ -193,7 +193,8 @@ def check_study(study: StudyConfig) -> None:
         check_inputs(cfg)
     except ConfigError as e:
         raise ConfigError(str(e).replace("data.align", "task.align").replace("data.extract", "task.extract")
-                          .replace("transfer.", "laten.transfer.").replace("merge.", "laten.merge.")) from None
+                          .replace("transfer.", "laten.transfer.").replace("merge.", "laten.merge.")
+                          .replace("train.align_per_step", "laten.train.align_per_step")) from None
     k = study.seeking
     _each("seeking", {"seed_examples": k.seed_examples, "rank": k.rank, "epochs": k.epochs},
           lambda v: v >= 1, "must be at least 1")

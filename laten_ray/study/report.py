@@ -49,6 +49,11 @@ def load(study_dir: Path) -> dict:
         u["built"] = json.loads(built.read_text(encoding="utf-8")) if built.is_file() else None
         if u["built"] and u["built"].get("hash") != u["hash"]:
             u["built"] = None
+        u["merges"] = {}  # budget key -> laten_merge.json of a merged arm (what the merge added)
+        for key, model in ((u["built"] or {}).get("models") or {}).items():
+            merged = study_dir / u["folder"] / model / "laten_merge.json"
+            if merged.is_file():
+                u["merges"][key] = json.loads(merged.read_text(encoding="utf-8"))
         u["runs"] = {}
         for key, folder in u.get("evals", {"-": u.get("eval")}).items():  # "eval": a study of before budgets
             ev = study_dir / folder
@@ -153,8 +158,27 @@ def compute(plan: dict) -> dict:
                "engine": s.get("engine"), "budgets": budgets, "arms": arms, "runs": runs, "curves": curves,
                "missing": missing, "models": plan["models"], "data": plan["data"], "config": plan["config"],
                "timing": timing, "alpha": ALPHA, "power": POWER}
+    results["merges"] = merges(plan)
     results["finding"] = finding(results)
     return results
+
+
+def merges(plan: dict) -> list[dict]:
+    """Per merged arm and budget: the share of the trained delta in the saved weights (mean and
+    lowest over seeds) and the mean Jaccard of the merge's neurons with training's."""
+    rows: dict[tuple, list[dict]] = {}
+    for u in plan["units"]:
+        for key, m in u["merges"].items():
+            if m.get("delta_survival"):
+                rows.setdefault((u["arm"], _budget(key)), []).append(m)
+    out = []
+    for (arm, budget), ms in rows.items():
+        survival = [m["delta_survival"]["all"] for m in ms]
+        overlap = [np.mean([v["mean"] for v in m["training_overlap"].values()]) for m in ms]
+        out.append({"arm": arm, "budget": budget, "seeds": len(ms), "locate": ms[0].get("locate"),
+                    "dtype": ms[0].get("dtype"), "delta_survival": float(np.mean(survival)),
+                    "delta_survival_min": float(min(survival)), "training_overlap": float(np.mean(overlap))})
+    return out
 
 
 def _row(results: dict, arm: str, budget) -> dict | None:
@@ -311,6 +335,17 @@ def markdown(results: dict) -> str:
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for names, a in _collapse(against, lambda r: r["arm"]):
             out.append("| " + " | ".join([names, _budget_text(a["budget"]), *_diff(a["vs_laten"])]) + " |")
+    if results["merges"]:
+        out += ["", "## What the merges added", "",
+                "Delta survival: the share of the trained delta present in the saved weights, <saved - original, "
+                "delta> / |delta|^2 (1: all of it; near 0: it rounded away in the weights' dtype; merge in "
+                "float32 with `laten.merge.dtype: float32`). Overlap: the mean Jaccard index of the merge's target "
+                "neurons with those each training step injected at (1: the same).", "",
+                "| arm | budget | seeds | merged on | dtype | delta survival % (mean, lowest) | neuron overlap with training |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for m in results["merges"]:
+            out.append(f"| {m['arm']} | {_budget_text(m['budget'])} | {m['seeds']} | {m['locate']} | {m['dtype']} | "
+                       f"{_pct(m['delta_survival'])}, {_pct(m['delta_survival_min'])} | {m['training_overlap']:.2f} |")
     out += ["", "## Training", "", "![Training loss per arm and seed](training.png)", "",
             "## Settings", "", "```yaml", yaml.safe_dump({k: cfg[k] for k in ("task", "arms", "seeds", "budgets", "engine",
                                                                               "laten", "sft") if k in cfg},
