@@ -5,7 +5,7 @@ from laten_ray.arch import shape_of
 from laten_ray.data import read_examples
 from laten_ray.locate import Source, neuron_counts
 from laten_ray.models import read_model_config
-from laten_ray.train import group_of
+from laten_ray.train import source_group
 
 from .common import actor_config, place_on_assigned_gpu, process_info
 from .metrics import RunMetrics
@@ -17,7 +17,7 @@ DEVICE_TRANSPORTS = ("nccl", "cuda_ipc", "nixl")
 class SourceActor:
     """Attribution, layer alignment and slice extraction for one training step at a time.
 
-    Extract examples are attributed in the same fixed groups as the single-process run (`group_of`), so
+    Extract examples are attributed in the same fixed groups as the single-process run (`source_group`), so
     both select exactly the same neurons; the rest of a group waits here until asked for."""
     name = "laten-source"
 
@@ -39,9 +39,8 @@ class SourceActor:
         """{"step", "located": Located with slices {module: [L_t, K, d_s]}, "attribution_s"}."""
         n = len(self.extract)
         if step % n not in self.ready:  # fixed groups of extract examples, whatever the step
-            members = group_of(step % n, n, self.cfg.attribution.batch_size)
-            self.ready = dict(zip(members, self.source.locate([self.extract[j] for j in members], self.target,
-                                                              self.counts, on_cpu=self.on_cpu)))
+            self.ready = source_group(self.source, self.extract, step % n, self.cfg.attribution.batch_size,
+                                      self.target, self.counts, on_cpu=self.on_cpu)
         located = self.ready.pop(step % n)
         # One device for every tensor, as the transport needs it; contiguous for zero-copy.
         device = self.source.model.device if not self.on_cpu else "cpu"

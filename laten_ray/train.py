@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint as ckpt
-from .arch import Arch
+from .arch import Arch, Shape
+from .checks import check_align_per_step
 from .config import Config, ConfigError
 from .data import Example, lm_batch, read_examples
 from .hypernet import HyperNet
@@ -29,13 +30,20 @@ def n_steps(cfg: Config, n_extract: int) -> int:
     return cfg.train.steps if cfg.train.steps is not None else n_extract
 
 
+def _rise(i: int, warm: int, start: float) -> float:
+    """The warm-up of both schedules: a cosine rise from `start` to 1 over `warm` steps."""
+    return start + (1 - start) * (1 - math.cos(math.pi * i / warm)) / 2
+
+
 def one_cycle(total: int, warmup_ratio: float, start: float = 1 / 25, end: float = 1e-4):
     """LR factor for step i: cosine rise from `start` to 1 over the warm-up, cosine fall to `end`."""
-    warm = round(total * warmup_ratio)
+    return _one_cycle(total, round(total * warmup_ratio), start, end)
 
+
+def _one_cycle(total: int, warm: int, start: float = 1 / 25, end: float = 1e-4):
     def factor(i: int) -> float:
         if i < warm:
-            return start + (1 - start) * (1 - math.cos(math.pi * i / warm)) / 2
+            return _rise(i, warm, start)
         progress = (i - warm) / max(1, total - warm)
         return end + (1 - end) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
     return factor
@@ -44,17 +52,13 @@ def one_cycle(total: int, warmup_ratio: float, start: float = 1 / 25, end: float
 def warmup_then_constant(warm: int, start: float = 1 / 25):
     """LR factor for step i: one_cycle's cosine rise over `warm` steps, then 1. It does not depend
     on the run's length, so the checkpoint after B steps is exactly a run of B steps."""
-    def factor(i: int) -> float:
-        return start + (1 - start) * (1 - math.cos(math.pi * i / warm)) / 2 if i < warm else 1.0
-    return factor
+    return lambda i: _rise(i, warm, start) if i < warm else 1.0
 
 
 def lr_schedule(schedule: str, total: int, warmup_ratio: float, warmup_steps: int | None):
     """The LR factor of `train.schedule` for a run of `total` steps."""
     warm = warmup_steps if warmup_steps is not None else round(total * warmup_ratio)
-    if schedule == "constant":
-        return warmup_then_constant(warm)
-    return one_cycle(total, warm / total if total else 0.0)
+    return warmup_then_constant(warm) if schedule == "constant" else _one_cycle(total, warm)
 
 
 def align_sample(n_align: int, k: int, seed: int, step: int) -> list[int]:
@@ -117,6 +121,14 @@ def step_examples(cfg: Config, n_extract: int, n_align: int, step: int) -> list[
     The equal-data baseline of a study (`sft-lora`) replays exactly this."""
     picks = align_sample(n_align, cfg.train.align_per_step, cfg.seed, step)
     return [("extract", step % n_extract)] + [("align", i) for i in picks]
+
+
+def source_group(source: Source, extract: list[Example], i: int, size: int, target: Shape, counts: dict,
+                 on_cpu: bool = True) -> dict[int, Located]:
+    """The source's selections of extract example i's fixed group (group_of), by extract index:
+    what the single-process run and the Ray source actor attribute alike."""
+    members = group_of(i, len(extract), size)
+    return dict(zip(members, source.locate([extract[j] for j in members], target, counts, on_cpu=on_cpu)))
 
 
 def group_of(i: int, n: int, size: int) -> range:
@@ -214,7 +226,6 @@ class TargetTraining:
         self.target = Target(cfg, cfg.transfer.rate, model=model, tokenizer=tokenizer)
         self.align = read_examples(cfg.data.align)
         self.extract = read_examples(cfg.data.extract)
-        from .checks import check_align_per_step
         check_align_per_step(cfg, len(self.align))
         self.total = n_steps(cfg, len(self.extract))
         self.trainer = Trainer(cfg, self.target, d_source, self.total)
@@ -370,9 +381,7 @@ def train(cfg: Config, on_step: Callable[[dict], None] | None = None,
         for step in range(start, side.total):
             i = step % n
             if i not in ready:  # fixed groups of extract examples, whatever the step (see group_of)
-                members = group_of(i, n, group)
-                ready = dict(zip(members, source.locate([side.extract[j] for j in members],
-                                                        side.target.arch.shape, side.target.counts)))
+                ready = source_group(source, side.extract, i, group, side.target.arch.shape, side.target.counts)
             slices = ready.pop(i)
             if source_edit:
                 slices = source_edit(step, slices)

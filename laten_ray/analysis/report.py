@@ -50,6 +50,7 @@ def inputs_from_study(study_dir: str | Path, data: str | None = None, limit: int
     examples default to the study's align split, the neuron examples are its extract split."""
     import yaml
 
+    from ..study.arms import largest_budget
     from ..study.config import study_from_dict
     study_dir = Path(study_dir)
     if not (study_dir / "plan.json").is_file():
@@ -61,8 +62,8 @@ def inputs_from_study(study_dir: str | Path, data: str | None = None, limit: int
         info = json.loads(built.read_text()) if built.is_file() else None
         if info and not info.get("as_is"):  # a trained arm: its model of the largest budget
             models = info.get("models") or {"-": info["model"]}  # "model": a study of before budgets
-            key = max(models, key=lambda k: -1 if k == "-" else int(k))
-            merged.append({"arm": unit["arm"], "seed": unit["seed"], "model": str(study_dir / unit["folder"] / models[key])})
+            merged.append({"arm": unit["arm"], "seed": unit["seed"],
+                           "model": str(study_dir / unit["folder"] / models[largest_budget(models)])})
     rate = (study.laten.get("transfer") or {}).get("rate", DEFAULT_RATE)
     inputs = Inputs(study.source.model, study.target.model, data or study.task.align, limit, study.task.extract, None,
                     merged, str(study_dir), {"source": study.source.dtype, "target": study.target.dtype},

@@ -36,6 +36,11 @@ def budget_key(budget: int | None) -> str:
     return "-" if budget is None else str(budget)
 
 
+def largest_budget(keys) -> str:
+    """Of budget keys (budget_key), the largest budget's; "-" counts as the smallest."""
+    return max(keys, key=lambda k: -1 if k == "-" else int(k))
+
+
 def model_folder(budget: int | None) -> str:
     """The arm's HF folder of a budget, inside its unit folder."""
     return "model" if budget is None else f"model-{budget}"

@@ -24,6 +24,7 @@ from .. import checkpoint as ckpt
 from ..eval.stats import compare, holm, mdd_mcnemar, mdd_paired
 from ..eval.tasks import interval95
 from ..records import read_records
+from .arms import largest_budget
 from .units import BUILT, PLAN
 
 ALPHA, POWER = 0.05, 0.8
@@ -381,7 +382,7 @@ def disagreements(plan: dict, results: dict, limit: int = 100) -> str:
         done = [k for k, run in u["runs"].items() if run is not None]
         if done and u["arm"] not in seen:
             seen.add(u["arm"])
-            key = max(done, key=lambda k: -1 if k == "-" else int(k))
+            key = largest_budget(done)
             units.append((u["arm"] + ("" if key == "-" else f" @{key}"), u["runs"][key]["records"]))
     by_unit = [{r["id"]: r for r in records} for _, records in units]
     ids = [r["id"] for r in units[0][1]]
