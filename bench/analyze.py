@@ -54,7 +54,7 @@ def held_activations(side: Side, batch: dict, store: dict) -> None:
     with Hooks() as hooks:
         for i in range(side.shape.n_layers):
             for m in MODULES:
-                hooks.on_output(side.arch.part(i, m), lambda _x, out, m=m, i=i: store[m][i].append(out[mask].float()))
+                hooks.on_output(side.arch.part(i, m), lambda _x, out, m=m, i=i: store[m][i].append(side.arch.output(m, out)[mask].float()))
         side.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
 
 

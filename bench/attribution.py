@@ -4,6 +4,7 @@
     python bench/attribution.py --skip-qwen     # only the Llama comparison
     python bench/attribution.py --skip-llama --skip-qwen   # only the score cache (about a minute)
     python bench/attribution.py --only-kernels  # the scoring kernels, series against exact
+    python bench/attribution.py --only-families # one shape per model family, against Llama's
 
 Kernels part: the paper code's anchor shape (random Llama hidden 512, FFN 1376, 6 layers, 8
 heads, vocab 32000, fp32, one thread): seconds per example at batch 1, 8 and 64 for the exact
@@ -326,6 +327,50 @@ def kernels_part(args) -> None:
               f"(largest score {top:.2f})")
 
 
+# One shape per family (laten_ray/families.yaml) at the anchor width, each with its family's own
+# traits as its HF config has them by default (Gemma 2's final-logit soft cap of 30, post-norms,
+# (1 + g) norms; Phi-3's fused projections; ...). model_type -> fields beyond the common shape.
+FAMILY_SHAPES = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=256))),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=64)),
+    "gemma2": ("gemma2", dict(head_dim=64, tie_word_embeddings=True)),
+    "gemma3": ("gemma3_text", dict(head_dim=64, tie_word_embeddings=True)),
+    "phi3": ("phi3", dict(pad_token_id=0)),
+    "olmo2": ("olmo2", {}),
+    "smollm3": ("smollm3", dict(tie_word_embeddings=True, pad_token_id=0)),
+}
+
+
+def families_part(args) -> None:
+    """attribute_each on the anchor shape (hidden 512, FFN 1376, 6 layers, 8 heads, vocab 32000,
+    fp32) built as each family, at batch 8: seconds per example and the ratio to the Llama-shaped
+    run of the same width, side by side in this run."""
+    from laten_ray.attribution import attribute_each
+    tokenizer, examples = build_tokenizer(), read_examples(args.data, limit=args.family_examples)
+    print(f"families at the anchor shape (hidden 512, FFN 1376, 6 layers, 8 heads, vocab 32000, fp32, "
+          f"{torch.get_num_threads()} thread(s)), batch 8, {len(examples)} examples, kernel series")
+    print(f"{'family':>9} {'model_type':>12} {'s/example':>10} {'vs llama':>9}  what differs")
+    base = None
+    for name, (model_type, fields) in FAMILY_SHAPES.items():
+        cfg = AutoConfig.for_model(model_type, **{
+            "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
+            "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024,
+            "tie_word_embeddings": False, **fields})
+        torch.manual_seed(0)
+        arch = Arch(AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False))
+        attribute_each(arch, tokenizer, examples[:1])  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        attribute_each(arch, tokenizer, examples, batch_size=8, group=8)
+        sec = (time.perf_counter() - t0) / len(examples)
+        base = base or sec
+        print(f"{name:>9} {model_type:>12} {sec:>10.2f} {sec / base:>8.2f}x  {arch.family.notes}", flush=True)
+
+
 def qwen_part(args) -> None:
     print(f"\nQwen2.5-1.5B-shaped run (bf16 weights, random) in a fresh process: {args.qwen_examples} "
           f"example(s), chunk budget {args.chunk_mb} MB ...", flush=True)
@@ -369,6 +414,8 @@ def main() -> None:
     p.add_argument("--skip-qwen", action="store_true")
     p.add_argument("--skip-cache", action="store_true")
     p.add_argument("--only-kernels", action="store_true", help="only the scoring kernels, series against exact")
+    p.add_argument("--only-families", action="store_true", help="only one shape per family (minutes)")
+    p.add_argument("--family-examples", type=int, default=8, help="examples per family in --only-families")
     p.add_argument("--qwen-examples", type=int, default=1)
     p.add_argument("--qwen-layers", type=int, default=2,
                    help="Qwen layers to score (0 = all 28); peak memory does not depend on it, "
@@ -380,6 +427,8 @@ def main() -> None:
         return qwen_worker(args)
     if args.only_kernels:
         return kernels_part(args)
+    if args.only_families:
+        return families_part(args)
     if not args.skip_llama:
         tokenizer = build_tokenizer()
         examples = read_examples(args.data, limit=args.examples)

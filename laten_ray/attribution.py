@@ -4,7 +4,10 @@ For a residual vector y at the last position T, log P(w | y) = log softmax(W_U (
 with r the RMS of the last layer's output at T, frozen per example. Once r is frozen the map is
 linear in y, so a neuron with output vector u_k and coefficient c_k adds (c_k / r) * P[:, k] to
 the logits, where P = W_U diag(g) U ([V, n] per layer) does not depend on the example. We
-compute P once per layer, in chunks, and score every example of the batch against it.
+compute P once per layer, in chunks, and score every example of the batch against it. A family
+with a post-norm after o_proj or down_proj (Gemma 2/3, OLMo 2) has that norm's statistic frozen
+the same way: u_k is the column through the norm's gain, and c_k is divided by its RMS. A
+final-logit soft cap (Gemma 2) is applied to the logits inside the log-sum-exp.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ class Captured:
     attn_heads: torch.Tensor  # [B, L, A]  concatenated head outputs, input of o_proj
     rms_final: torch.Tensor   # [B]        r: RMS of the last layer's output, frozen per example
     token: torch.Tensor       # [B]        w: the attributed token
+    attn_rms: torch.Tensor    # [B, L]     RMS of o_proj's output where a post-norm follows it, else 1
+    mlp_rms: torch.Tensor     # [B, L]     the same for down_proj
 
     @staticmethod
     def cat(parts: list["Captured"]) -> "Captured":
@@ -74,10 +79,16 @@ def capture(arch: Arch, batch: dict[str, torch.Tensor]) -> Captured:
     with capturing(arch, at_last) as got:
         arch.model(input_ids=batch["input_ids"].to(device),
                    attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
+    eps = arch.shape.eps
     x = got.pop("resid_final")  # [B, d]
-    r = torch.sqrt(x.pow(2).mean(-1) + arch.shape.eps)  # [B]
+    r = torch.sqrt(x.pow(2).mean(-1) + eps)  # [B]
     stacked = {k: torch.stack(v, dim=1) for k, v in got.items()}  # each [B, L, n]
-    return Captured(**stacked, rms_final=r, token=batch["target"].to(device))
+    rms = {}
+    for name in ("attn", "mlp"):  # a post-norm's statistic, frozen like the final norm's
+        norm_in = stacked.pop(f"{name}_norm_in", None)  # [B, L, d]
+        rms[f"{name}_rms"] = (torch.sqrt(norm_in.pow(2).mean(-1) + eps) if norm_in is not None
+                              else torch.ones(x.shape[0], arch.shape.n_layers, device=x.device))
+    return Captured(**stacked, **rms, rms_final=r, token=batch["target"].to(device))
 
 
 CPU_BLOCK_BYTES = 4 << 20  # on CPU the logits blocks stay cache-sized: bandwidth-bound otherwise
@@ -92,9 +103,16 @@ def chunk_sizes(vocab: int, batch: int, n: int, budget_bytes: int, block_bytes: 
     return nc, vc
 
 
-def log_prob(unembed: torch.Tensor, y: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """log P(w | y) through the frozen norm. unembed [V, d] = W_U * g, y [N, d], r [N], w [N] -> [N]"""
-    logits = (y @ unembed.T) / r[:, None]  # [N, V]
+def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """c tanh(logits / c), in place, for a family's final-logit soft cap c (None: unchanged)."""
+    return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
+def log_prob(unembed: torch.Tensor, y: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+             cap: float | None = None) -> torch.Tensor:
+    """log P(w | y) through the frozen norm (and soft cap c). unembed [V, d] = W_U * g, y [N, d],
+    r [N], w [N] -> [N]"""
+    logits = softcapped((y @ unembed.T) / r[:, None], cap)  # [N, V]
     return logits.gather(1, w[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -130,20 +148,23 @@ def _series_scores(p: torch.Tensor, proj: torch.Tensor, a: torch.Tensor, w: torc
 
 def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tensor,
                   coef: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
-                  budget_bytes: int, proj_dtype: torch.dtype = torch.float32, series: bool = False) -> torch.Tensor:
+                  budget_bytes: int, proj_dtype: torch.dtype = torch.float32, series: bool = False,
+                  cap: float | None = None) -> torch.Tensor:
     """log P(w | base + coef_k * u_k) - log P(w | base) for every neuron k, exactly (up to the
     projection's matmul, computed in `proj_dtype`: see attribution.precision). `series`: where
     |alpha| x range(P_k) <= SERIES_T the cumulant series (_series_scores), exact to below float32
     rounding, and the exact pass for the other (example, neuron) pairs only (for SERIES_MIN_BATCH
-    examples or more; fewer take the exact pass throughout).
+    examples or more; fewer take the exact pass throughout). A soft cap c (Gemma 2) makes the
+    logits c tanh((z + alpha P_k) / c), not linear in alpha: the exact pass only.
 
     unembed [V, d], vectors [d, n] (u_k = column k), base [B, d], coef [B, n], r [B], w [B] -> [B, n]
     """
     V = unembed.shape[0]
     B, n = coef.shape
-    series = series and B >= SERIES_MIN_BATCH
-    base_logits = (base @ unembed.T) / r[:, None]                  # [B, V]
-    base_lse = torch.logsumexp(base_logits, dim=-1, keepdim=True)  # [B, 1]
+    series = series and B >= SERIES_MIN_BATCH and cap is None
+    base_logits = (base @ unembed.T) / r[:, None]                  # [B, V]: before the cap
+    capped = softcapped(base_logits.clone(), cap) if cap is not None else base_logits  # [B, V]
+    base_lse = torch.logsumexp(capped, dim=-1, keepdim=True)       # [B, 1]
     alpha = coef / r[:, None]                                      # [B, n]
     out = torch.empty(B, n, dtype=torch.float32, device=base.device)
     low = unembed.to(proj_dtype) if proj_dtype != torch.float32 else unembed  # [V, d]
@@ -165,11 +186,14 @@ def neuron_scores(unembed: torch.Tensor, vectors: torch.Tensor, base: torch.Tens
         a = alpha[:, n0:n0 + nc, None]                             # [B, nc, 1]
         lse = torch.full(a.shape[:2], float("-inf"), device=base.device)  # [B, nc]
         for v0 in range(0, V, vc):
-            block = torch.addcmul(base_logits[:, None, v0:v0 + vc], a, proj[None, :, v0:v0 + vc])
+            block = softcapped(torch.addcmul(base_logits[:, None, v0:v0 + vc], a, proj[None, :, v0:v0 + vc]), cap)
             top = block.amax(dim=-1, keepdim=True)                 # [B, nc, 1]
             part = block.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])  # in place: no copies
             lse = torch.logaddexp(lse, part)                       # block [B, nc, vc]
         gain = a[..., 0] * proj[:, w].T                            # [B, nc]: alpha * P[w, k]
+        if cap is not None:                                        # the capped logit of w, new - old
+            z_w = base_logits.gather(1, w[:, None])                # [B, 1]
+            gain = softcapped(z_w + gain, cap) - capped.gather(1, w[:, None])
         out[:, n0:n0 + nc] = gain - (lse - base_lse)
     return out
 
@@ -178,23 +202,25 @@ def score_each(arch: Arch, cap: Captured, budget_bytes: int, proj_dtype: torch.d
                series: bool = False) -> list[Scores]:
     """Scores of each captured example, one layer at a time; every per-layer projection is
     computed once and shared by all B examples."""
-    s = arch.shape
-    head, norm = arch.lm_head().weight, arch.final_norm().weight
-    unembed = head.to(torch.float32, copy=True).mul_(norm.float())  # [V, d]: W_U diag(g), one copy
+    s, softcap = arch.shape, arch.shape.logit_softcap
+    head, gain = arch.lm_head().weight, arch.norm_gain(arch.final_norm())
+    unembed = head.to(torch.float32, copy=True).mul_(gain)  # [V, d]: W_U diag(g), one copy
     layer_attn, layer_ffn, ffn, attn = [], [], [], []
     for i in range(s.n_layers):
         h_in, a, m = cap.resid_pre[:, i], cap.attn_out[:, i], cap.mlp_out[:, i]  # each [B, d]
         h_mid = h_in + a
         B = h_in.shape[0]
         r, w = cap.rms_final, cap.token
-        lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), r.repeat(3), w.repeat(3))
+        lp = log_prob(unembed, torch.cat([h_in, h_mid, h_mid + m]), r.repeat(3), w.repeat(3), softcap)
         lp_in, lp_mid, lp_out = lp.view(3, B)
         layer_attn.append(lp_mid - lp_in)  # [B]
         layer_ffn.append(lp_out - lp_mid)  # [B]
-        w_down = arch.weight(i, "down").float()  # [d, f]
-        w_o = arch.weight(i, "o").float()        # [d, A]
-        ffn.append(neuron_scores(unembed, w_down, h_mid, cap.mlp_act[:, i], r, w, budget_bytes, proj_dtype, series))
-        attn.append(neuron_scores(unembed, w_o, h_in, cap.attn_heads[:, i], r, w, budget_bytes, proj_dtype, series))
+        w_down = arch.out_vectors(i, "down")  # [d, f]: through a post-norm's gain where there is one
+        w_o = arch.out_vectors(i, "o")        # [d, A]
+        c_ffn = cap.mlp_act[:, i] / cap.mlp_rms[:, i, None]      # [B, f]: / a post-norm's RMS (else 1)
+        c_attn = cap.attn_heads[:, i] / cap.attn_rms[:, i, None]  # [B, A]
+        ffn.append(neuron_scores(unembed, w_down, h_mid, c_ffn, r, w, budget_bytes, proj_dtype, series, softcap))
+        attn.append(neuron_scores(unembed, w_o, h_in, c_attn, r, w, budget_bytes, proj_dtype, series, softcap))
     stacked = [torch.stack(t, dim=1).cpu() for t in (layer_attn, layer_ffn, ffn, attn)]  # [B, L, ...]
     return [Scores(*(t[b] for t in stacked), n_examples=1) for b in range(cap.token.shape[0])]
 

@@ -57,8 +57,8 @@ def check_align_per_step(cfg: Config, n_align: int) -> None:
 
 
 def check_models_fit(cfg: Config) -> None:
-    """From the two config.json files alone (no weights): supported families, the same
-    vocabulary, a source at least as deep as the target, and enough source neurons for K."""
+    """From the two config.json files alone (no weights): supported families, one family
+    (unless transfer.cross_family), the same vocabulary, a source at least as deep as the target, and enough source neurons for K."""
     shapes = {}
     for role in ("source", "target"):
         try:
@@ -66,6 +66,10 @@ def check_models_fit(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"{role}.model: {e}") from None
     src, tgt = shapes["source"], shapes["target"]
+    if src.family != tgt.family and not cfg.transfer.cross_family:
+        raise ConfigError(f"target.model: a {tgt.family} model, but the source is a {src.family} model; LaTen "
+                          "moves neurons between models of one family (docs/method.md). To try it across "
+                          "families anyway, set transfer.cross_family: true")
     if src.vocab != tgt.vocab:
         raise ConfigError(f"source.model: vocabulary size {src.vocab} differs from the target's "
                           f"{tgt.vocab}; LaTen needs models of one family and tokenizer")

@@ -59,6 +59,8 @@ class DataConfig:
 class TransferConfig:
     rate: float = 0.1  # K = rate * (target's neurons of each module type)
     modules: list[str] = field(default_factory=lambda: list(MODULES))
+    cross_family: bool = False  # allow a source and target of different families (the method
+                                # assumes one family; the vocabularies must still be equal)
 
 
 @dataclass

@@ -5,9 +5,12 @@ the reference) and every edit (injection) goes through `Hooks`.
 Capture points, per layer unless said otherwise (docs/method.md §1):
   resid_pre    the layer's input (residual stream before the layer)          [.., d]
   attn_heads   the concatenated head outputs, input of o_proj                [.., n_heads * head_dim]
-  attn_out     the attention block's output, o_proj's output                 [.., d]
+  attn_out     what attention adds to the residual stream: o_proj's output,  [.., d]
+               or the attention post-norm's where the family has one
+  attn_norm_in o_proj's output where a post-norm follows it (else not kept)  [.., d]
   mlp_act      act(gate(x)) * up(x), input of down_proj                      [.., f]
-  mlp_out      the MLP block's output, down_proj's output                    [.., d]
+  mlp_out      what the MLP adds: down_proj's output, or its post-norm's     [.., d]
+  mlp_norm_in  down_proj's output where a post-norm follows it               [.., d]
   resid_final  the input of the final norm (one per model, not per layer)    [.., d]
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from .arch import Arch
 
-POINTS = ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_final")
+POINTS = ("resid_pre", "attn_heads", "attn_out", "attn_norm_in", "mlp_act", "mlp_out", "mlp_norm_in", "resid_final")
 
 
 class Hooks:
@@ -52,9 +55,12 @@ class Hooks:
 @contextmanager
 def capturing(arch: Arch, pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
     """Within the block, each forward pass stores `pick(tensor)` at every capture point:
-    got[point][layer] for the per-layer points, got["resid_final"] once."""
-    L = arch.shape.n_layers
-    got: dict = {p: [None] * L for p in POINTS if p != "resid_final"}
+    got[point][layer] for the per-layer points, got["resid_final"] once; the *_norm_in points
+    only for a family with post-norms."""
+    L, family = arch.shape.n_layers, arch.family
+    blocks = (("o", "attn_heads", "attn_out", "attn_norm_in"), ("down", "mlp_act", "mlp_out", "mlp_norm_in"))
+    unused = {norm_in for module, _, _, norm_in in blocks if family.post_norm(module) is None}
+    got: dict = {p: [None] * L for p in POINTS if p != "resid_final" and p not in unused}
 
     def store(point: str, layer: int | None = None):
         def keep(x: torch.Tensor) -> None:
@@ -73,6 +79,11 @@ def capturing(arch: Arch, pick: Callable[[torch.Tensor], torch.Tensor]) -> Itera
         hooks.on_input(arch.final_norm(), store("resid_final"))
         for i in range(L):
             hooks.on_input(arch.layers[i], store("resid_pre", i))
-            hooks.on_output(arch.part(i, "o"), store_both("attn_heads", "attn_out", i))
-            hooks.on_output(arch.part(i, "down"), store_both("mlp_act", "mlp_out", i))
+            for module, act, out, norm_in in blocks:
+                post = family.post_norm(module)
+                if post is None:
+                    hooks.on_output(arch.part(i, module), store_both(act, out, i))
+                else:  # the projection's input and output, then what its post-norm makes of it
+                    hooks.on_output(arch.part(i, module), store_both(act, norm_in, i))
+                    hooks.on_output(arch.part(i, post), lambda _x, y, keep=store(out, i): keep(y))
         yield got

@@ -15,7 +15,8 @@ from .hooks import Hooks
 
 
 def _row_edit(index: torch.Tensor, delta: torch.Tensor):
-    """up/v: rows idx of W gain delta, so output features idx gain x @ delta^T."""
+    """up/v: rows idx of W gain delta, so output features idx gain x @ delta^T (idx counts the
+    fused weight's rows where the module is a range of one)."""
     def edit(x, output):                                         # x [B, T, d]
         return output.index_add(-1, index, x @ delta.to(x.dtype).T)  # [B, T, K] into [B, T, n]
     return edit
@@ -38,6 +39,8 @@ def injected(arch: Arch, index: dict[str, torch.Tensor], delta: dict[str, torch.
             for layer in range(d.shape[0]):
                 part = arch.part(layer, module)
                 idx = index[module][layer].to(part.weight.device)
+                if make is _row_edit:  # the module's rows may start further down a fused weight
+                    idx = idx + arch.rows(module).start
                 hooks.on_output(part, make(idx, d[layer].to(part.weight.device)))
         yield
 

@@ -45,9 +45,15 @@ MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
 def matrix_shape(s: Shape, module: str) -> tuple[int, int]:
     """[out, in] of a module's weight (nn.Linear's layout)."""
-    return {"q": (s.attn_width, s.hidden), "k": (s.kv_width, s.hidden), "v": (s.kv_width, s.hidden),
-            "o": (s.hidden, s.attn_width), "gate": (s.ffn, s.hidden), "up": (s.ffn, s.hidden),
-            "down": (s.hidden, s.ffn)}[module]
+    return s.matrix(module)
+
+
+def check_unfused(arch: Arch) -> None:
+    """Seeking scores and edits whole weights: a fused one (Phi-3's qkv_proj, gate_up_proj)
+    would need its gradients and LoRA split by rows, which it does not do."""
+    if arch.family.fused:
+        raise ValueError(f"the seeking baseline does not support the {arch.family.name} family: its "
+                         f"{', '.join(sorted(arch.family.fused))} projections are row ranges of fused weights")
 
 
 # --- 1. sensitivity -----------------------------------------------------------------------------
@@ -75,6 +81,7 @@ def sensitivity(model, tokenizer, examples: list[Example], max_length: int = 102
     (layer, module) to that matrix's S [R, C] in float32 on the weight's device, else it is empty.
     The model's requires_grad flags, mode and checkpointing setting are restored afterwards."""
     arch = Arch(model)
+    check_unfused(arch)
     layers = list(range(arch.shape.n_layers)) if layers is None else list(layers)
     weights = {(i, m): arch.weight(i, m) for i in layers for m in MATRICES}
     device = next(iter(weights.values())).device

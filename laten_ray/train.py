@@ -78,7 +78,7 @@ def answer_loss(arch: Arch, batch: dict, n_tokens: int, base=None) -> torch.Tens
                                    attention_mask=batch["attention_mask"].to(device)).last_hidden_state
     labels = batch["labels"][:, 1:].to(device)                 # [B, T-1]: token t+1 is read at t
     keep = labels != -100
-    logits = arch.lm_head()(hidden[:, :-1][keep]).float()     # [N, V]
+    logits = arch.logits(hidden[:, :-1][keep]).float()        # [N, V] (soft-capped where the family caps)
     return F.cross_entropy(logits, labels[keep], reduction="sum") / max(n_tokens, 1)
 
 

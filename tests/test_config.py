@@ -252,11 +252,27 @@ def test_k_above_the_sources_neurons_says_lower_the_rate():
 
 
 def test_unsupported_family_lists_the_supported_ones():
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'; "
-                                         r"supported: llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'; supported model types: gemma2, "
+                                         r"gemma3_text, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3 "):
         family_of(transformers.GPT2Config())
-    for model_type in ("llama", "mistral", "qwen2"):
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"):
         family_of(transformers.AutoConfig.for_model(model_type))
+    with pytest.raises(ValueError, match=r"'gemma3': a multimodal Gemma 3 checkpoint .* gemma3_text"):
+        family_of(transformers.AutoConfig.for_model("gemma3"))
+
+
+def test_families_file_errors_name_the_entry(tmp_path):
+    """families.yaml is data: an unknown key or a model type claimed by two entries is an error
+    naming the file and the entry, not a silent default."""
+    from laten_ray.arch import FAMILIES_FILE, read_families
+    text = FAMILIES_FILE.read_text()
+    bad = tmp_path / "families.yaml"
+    bad.write_text(text + "\nmine:\n  model_types: [mine]\n  post_norm: x\n")
+    with pytest.raises(ValueError, match=r"families.yaml: family mine: unknown key\(s\) post_norm"):
+        read_families(bad)
+    bad.write_text(text + "\nmine:\n  model_types: [qwen3]\n  notes: x\n")
+    with pytest.raises(ValueError, match=r"model_type 'qwen3' is in both qwen3 and mine"):
+        read_families(bad)
 
 
 def test_rate_too_high_for_the_source_fails_at_load_time():

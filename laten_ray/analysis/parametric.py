@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from ..arch import NEURON_AXIS, family_of
+from ..arch import NEURON_AXIS, family_of, rows_of, shape_of, weight_name
 from ..merge import REPORT
 from .neurons import delta_shares
 
@@ -50,11 +50,12 @@ def compare(target_folder: str | Path, merged_folder: str | Path) -> dict:
     from transformers import AutoConfig
     merged_folder = Path(merged_folder)
     config = AutoConfig.from_pretrained(merged_folder)
-    family = family_of(config)
+    family, shape = family_of(config), shape_of(config)
     before, after = weight_reader(target_folder), weight_reader(merged_folder)
 
-    def name(layer: int, module: str) -> str:
-        return f"{family.layers}.{layer}.{getattr(family, module)}.weight"
+    def weight(read, layer: int, module: str) -> torch.Tensor:
+        """A module's own weight [out, in] (a fused weight's range of rows)."""
+        return read(weight_name(family, layer, module))[rows_of(family, shape, module)]
 
     report = merged_folder / REPORT
     out: dict = {"kind": "laten" if report.is_file() else "full", "modules": {}}
@@ -66,15 +67,15 @@ def compare(target_folder: str | Path, merged_folder: str | Path) -> dict:
             for layer in entry["layers"]:
                 i, idx = layer["target_layer"], torch.tensor(layer["target_index"])
                 axis = NEURON_AXIS[module]
-                w0 = before(name(i, module)).index_select(axis, idx).double()
-                w1 = after(name(i, module)).index_select(axis, idx).double()
+                w0 = weight(before, i, module).index_select(axis, idx).double()
+                w1 = weight(after, i, module).index_select(axis, idx).double()
                 rows.append({"layer": i, **cosines(w1 - w0, w0)})
             out["modules"][module] = rows
         return out
     for module in LINEAR:
         rows = []
         for i in range(config.num_hidden_layers):
-            w0, w1 = before(name(i, module)).double(), after(name(i, module)).double()
+            w0, w1 = weight(before, i, module).double(), weight(after, i, module).double()
             rows.append({"layer": i, **cosines(w1 - w0, w0)})
         out["modules"][module] = rows
     return out

@@ -38,7 +38,7 @@ class Side:
 
         def keep(module: str, layer: int):
             def fn(_inp: torch.Tensor, out: torch.Tensor) -> None:
-                x = out[mask].float()                          # [n, width]: this layer's only copy
+                x = self.arch.output(module, out)[mask].float()  # [n, width]: this layer's only copy
                 for p, xp in enumerate(x.split(sizes)):
                     grams[module][p][layer] = u_center(xp @ xp.T).cpu()  # [b, b]
             return fn

@@ -26,6 +26,36 @@ TINY = {
     "qwen2-target": ("qwen2", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
 }
+# One pair per further family (families.yaml), small enough for the per-neuron reference: each
+# turns on what makes its family differ (tests/test_families.py). Token ids as the tokenizer's.
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SOURCE = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, **_IDS)
+_TARGET = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+               num_key_value_heads=1, **_IDS)  # head_dim 32 in both: vLLM's CPU attention needs >= 32
+_NARROW = (dict(hidden_size=96, head_dim=32), dict(hidden_size=48, head_dim=32))  # head_dim != hidden / heads
+_SLIDING = dict(sliding_window=8, query_pre_attn_scalar=32)  # windows shorter than the prompts
+_FAMILY_TRAITS = {
+    "llama3": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)), {}, {}),
+    "mistral": ("mistral", dict(sliding_window=8), {}, {}),
+    "qwen3": ("qwen3", {}, *_NARROW),
+    "gemma2": ("gemma2", dict(tie_word_embeddings=True, final_logit_softcapping=0.5, attn_logit_softcapping=2.0,
+                              **_SLIDING),
+               dict(_NARROW[0], layer_types=["sliding_attention", "full_attention"] * 2),
+               dict(_NARROW[1], layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3": ("gemma3_text", dict(tie_word_embeddings=True, **_SLIDING),
+               dict(_NARROW[0], layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                             "sliding_attention"]),
+               dict(_NARROW[1], layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi3": ("phi3", {}, {}, {}),
+    "olmo2": ("olmo2", {}, {}, {}),
+    "smollm3": ("smollm3", dict(tie_word_embeddings=True, no_rope_layer_interval=2), {}, {}),
+}
+for _name, (_type, _both, _src, _tgt) in _FAMILY_TRAITS.items():
+    TINY[f"{_name}-source"] = (_type, {**_SOURCE, **_both, **_src})
+    TINY[f"{_name}-target"] = (_type, {**_TARGET, **_both, **_tgt})
 # The demo pair: the shapes of the Llama presets, pre-trained by scripts/build_demo_models.py
 # (the source on the multiplication table, the target on the answer format only: demo.py).
 DEMO = {"demo-source": TINY["llama-source"], "demo-target": TINY["llama-target"]}
@@ -96,8 +126,8 @@ def config_of(shape: tuple[str, dict], vocab_size: int = TINY_VOCAB):
     """An HF config from (model_type, config fields)."""
     from transformers import AutoConfig
     model_type, fields = shape
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=1024,
-                                tie_word_embeddings=False, **fields)
+    return AutoConfig.for_model(model_type, **{"vocab_size": vocab_size, "max_position_embeddings": 1024,
+                                               "tie_word_embeddings": False, **fields})
 
 
 def tiny_folder(name: str) -> Path:

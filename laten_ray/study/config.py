@@ -23,7 +23,7 @@ LATEN_DATA_KEYS = ("max_length", "train_on_inputs")
 
 @dataclass
 class TaskConfig:
-    name: str = ""               # the evaluation task: demo, gsm8k, mmlu, humaneval, mbpp
+    name: str = ""               # the evaluation task: a name in laten_ray/eval/tasks.py's TASKS
     align: str = ""              # training data (a data spec): LaTen's align split, sft-lora's too
     extract: str = ""            # the examples LaTen locates on, one per step
     eval: str = ""               # the evaluation file (a data spec)
