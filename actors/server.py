@@ -2,9 +2,9 @@
 Request checks and response shapes are laten_ray/serve/openai.py, the engines
 laten_ray/serve/backends.py; this file only wires them to FastAPI on Ray Serve.
 
-Hardening: the body is read up to its limit and every other limit is checked before any
-tokenization; JSON parsing and tokenization run on a worker thread, off the event loop that
-answers everyone else; a client that disconnects cancels its request, and the backends stop
+Hardening: only JSON bodies are read, up to their limit and deadline, and every other limit is
+checked before any tokenization; JSON parsing and tokenization run on a bounded pool of threads,
+off the event loop that answers everyone else; a client that disconnects cancels its request, and the backends stop
 its generation; the health check fails when the engine is dead or stuck, so Ray Serve replaces
 the replica, and until then generation answers 503, not 500."""
 # No `from __future__ import annotations` here: FastAPI 0.137+ under Ray Serve's class-based ingress
@@ -12,6 +12,7 @@ the replica, and until then generation answers 503, not 500."""
 
 import asyncio
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,16 +20,30 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laten_ray.serve.backends import engine_dead, start_backend
-from laten_ray.serve.openai import (ApiError, ServeLimits, body_too_large, check_length, chunk, completion_id,
-                                    full_response, parse_json, parse_request)
+from laten_ray.serve.openai import (ApiError, ServeLimits, body_too_large, check_chars, check_ids, check_length,
+                                    chunk, completion_id, full_response, logprobs_body, parse_json, parse_request,
+                                    quote, usage_chunk)
 
 api = FastAPI(title="laten-ray")
+log = logging.getLogger("ray.serve")
 
 
 def reply(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request, e: StarletteHTTPException) -> JSONResponse:
+    """404 (no such path), 405 (wrong method) and the like, in the OpenAI error shape too."""
+    message = {404: f"no route {request.url.path[:100]}; this server has /health, /v1/models, "
+                    "/v1/completions, /v1/chat/completions, /tokenize, /detokenize and /tokenizer_info",
+               405: f"method {request.method} is not allowed on {request.url.path[:100]}"}.get(e.status_code, str(e.detail))
+    error = ApiError(e.status_code, message, code={404: "not_found", 405: "method_not_allowed"}.get(e.status_code))
+    error.headers = dict(e.headers or {})
+    return reply(error)
 
 
 # One failed start is final (a model the engine cannot run fails `laten serve` in one try);
@@ -46,8 +61,10 @@ class OpenAIServer:
         self.backend = await start_backend(model, engine, dtype, device, max_model_len)
         self.name = name
         self.created = int(time.time())
-        # JSON parsing and tokenization: one thread (the tokenizer is not safe to share across threads)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="laten-requests")
+        # JSON parsing and tokenization: a bounded pool, each thread with its own tokenizer
+        # (Backend.encode), so one heavy request does not hold up the others
+        self.worker = ThreadPoolExecutor(4, thread_name_prefix="laten-requests")
+        self.slow = 0  # requests whose bodies are still arriving after a second
 
     def describe(self) -> dict:
         """What `laten serve` prints once deployed."""
@@ -64,9 +81,14 @@ class OpenAIServer:
         return None
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: raising marks the replica unhealthy and replaces it."""
+        """Ray Serve's health check: raising marks the replica unhealthy and replaces it. It also
+        fails when the request pool cannot take a no-op within 10 s: the server cannot accept work."""
         if (problem := self.problem()) is not None:
             raise RuntimeError(problem)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.worker, int), 10)
+        except TimeoutError:
+            raise RuntimeError("the request pool took no work for 10 s: this replica cannot accept requests") from None
 
     def unavailable(self) -> JSONResponse | None:
         problem = self.problem()
@@ -87,6 +109,62 @@ class OpenAIServer:
                                             "owned_by": "laten-ray", "max_model_len": self.backend.context,
                                             "engine": self.backend.name}]}
 
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self):
+        """vLLM's tokenizer endpoints (lm-evaluation-harness's remote tokenizer uses them)."""
+        tok = self.backend.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": self.backend.context, "vocab_size": self.backend.vocab}
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: HttpRequest):
+        return await self.tokens(request, self.prepare_tokenize)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: HttpRequest):
+        return await self.tokens(request, self.prepare_detokenize)
+
+    async def tokens(self, request: HttpRequest, work):
+        try:
+            raw = await self.read_json_body(request)
+            return await asyncio.get_running_loop().run_in_executor(self.worker, work, raw)
+        except ApiError as e:
+            return reply(e)
+
+    def prepare_tokenize(self, raw: bytes) -> dict:
+        """/tokenize {prompt, add_special_tokens} or {messages}: the ids, as vLLM answers."""
+        body = parse_json(raw, self.limits)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if "messages" in body:  # rendered as the chat endpoint renders them
+            req = parse_request({**body, "model": self.name, "max_tokens": 1}, True, self.name, self.limits)
+            text, special = req.prompt[0], True
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise ApiError(400, f"'prompt' must be a string, got {quote(text)}", "prompt")
+            if len(text) > self.limits.prompt_chars:
+                raise ApiError(400, f"characters in a prompt: {len(text)}, over this server's limit of "
+                                    f"{self.limits.prompt_chars} (laten serve --limit-prompt-chars)", "prompt",
+                               "limit_exceeded")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise ApiError(400, f"'add_special_tokens' must be a boolean, got {quote(special)}",
+                               "add_special_tokens")
+        ids = self.backend.encode(text, special)
+        return {"count": len(ids), "max_model_len": self.backend.context, "tokens": ids, "token_strs": None}
+
+    def prepare_detokenize(self, raw: bytes) -> dict:
+        body = parse_json(raw, self.limits)
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise ApiError(400, f"'tokens' must be a list of token ids, got {quote(ids)}", "tokens")
+        if len(ids) > self.limits.prompt_chars:
+            raise ApiError(400, f"token ids: {len(ids)}, over this server's limit of {self.limits.prompt_chars}",
+                           "tokens", "limit_exceeded")
+        return {"prompt": self.backend.tokenizer.decode(check_ids(ids, self.backend.vocab, "tokens"))}
+
     @api.post("/v1/completions")
     async def completions(self, request: HttpRequest):
         return await self.answer(request, chat=False)
@@ -96,32 +174,78 @@ class OpenAIServer:
         return await self.answer(request, chat=True)
 
     async def read_body(self, request: HttpRequest) -> bytes:
-        """The body, refused as soon as it is known to be over the limit (declared or read)."""
+        """The body, refused as soon as it is known to be over the limit (declared or read), or
+        not whole within limits.body_seconds (408). A body still arriving after a second makes
+        its request a slow upload, and at most limits.unfinished of those wait at once (503
+        beyond): slow or unfinished uploads cannot take every slot of the replica from /health
+        and from requests that arrive whole."""
         limit = self.limits.body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise body_too_large(int(declared), self.limits)
-        chunks, size = [], 0
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise body_too_large(size, self.limits, at_least=True)
-            chunks.append(piece)
-        return b"".join(chunks)
+        got = {"size": 0}
+
+        async def collect() -> bytes:
+            chunks = []
+            async for piece in request.stream():
+                got["size"] += len(piece)
+                if got["size"] > limit:
+                    raise body_too_large(got["size"], self.limits, at_least=True)
+                chunks.append(piece)
+            return b"".join(chunks)
+
+        task = asyncio.ensure_future(collect())
+        done, _ = await asyncio.wait({task}, timeout=min(1.0, self.limits.body_seconds))
+        if done:
+            return task.result()
+        if self.slow >= self.limits.unfinished:
+            task.cancel()
+            raise ApiError(503, f"{self.slow} requests are still sending their bodies (limit unfinished; "
+                                "laten serve --limit-unfinished); retry shortly", None, "server_busy",
+                           {"Retry-After": "1"})
+        self.slow += 1
+        try:
+            return await asyncio.wait_for(task, max(self.limits.body_seconds - 1.0, 0.001))
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive whole within {self.limits.body_seconds} s "
+                                f"({got['size']} bytes came; limit body_seconds; laten serve --limit-body-seconds)",
+                           None, "request_timeout") from None
+        finally:
+            self.slow -= 1
 
     def prepare(self, raw: bytes, chat: bool):
         """On the worker thread: parse, check, render and tokenize; ApiError on a bad request."""
         req = parse_request(parse_json(raw, self.limits), chat, self.name, self.limits)
-        prompts = [self.backend.encode(p) for p in req.prompt]
+        if req.ignored:
+            log.info("accepted and ignored (they change nothing here): %s", ", ".join(req.ignored)[:300])
+        b, param = self.backend, "messages" if chat else "prompt"
+        check_ids(list(req.sampling.logit_bias), b.vocab, "logit_bias")
+        for p in req.prompt:  # the cheap checks of every prompt before any is tokenized
+            if isinstance(p, str):
+                check_chars(p, b.context, b.max_token_chars, param)
+        prompts = [b.encode(p) if isinstance(p, str) else check_ids(p, b.vocab, param) for p in req.prompt]
         for ids in prompts:  # every prompt checked before anything is generated
-            check_length(ids, req.sampling, self.backend.context, self.limits.max_tokens)
+            check_length(ids, req.sampling, b.context, self.limits.max_tokens, chat)
         return req, prompts
+
+    async def read_json_body(self, request: HttpRequest) -> bytes:
+        """The body of a JSON request: 415 for any other Content-Type (so a web page's form or
+        text/plain post cannot reach the model), 413 over the limit."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {kind[:60]!r}", None,
+                           "unsupported_media_type")
+        return await self.read_body(request)
 
     async def answer(self, request: HttpRequest, chat: bool):
         try:
-            raw = await self.read_body(request)
+            raw = await self.read_json_body(request)
             if (down := self.unavailable()) is not None:
                 return down
+            if self.backend.queue_full(self.limits.queued):
+                raise ApiError(429, f"{self.limits.queued} requests are already waiting for the {self.backend.name} "
+                                    "engine; retry shortly (limit queued; laten serve --limit-queued)", None,
+                               "rate_limit_exceeded", {"Retry-After": "1"})
             req, prompts = await asyncio.get_running_loop().run_in_executor(self.worker, self.prepare, raw, chat)
         except ApiError as e:
             return reply(e)
@@ -129,18 +253,48 @@ class OpenAIServer:
         if req.stream:
             return StreamingResponse(self.events(req, rid, prompts), media_type="text/event-stream")
         try:
-            texts, finishes, generated = {}, {}, 0
+            texts, finishes, entries, generated = {}, {}, {}, 0
             for p, ids in enumerate(prompts):
+                prefix, echoed = await self.echo_of(req, p, ids)
                 counts = {}
-                async for index, delta, finish, count in self.backend.stream(ids, req.sampling):
+                for index in range(req.sampling.n):
                     key = p * req.sampling.n + index
-                    texts[key] = texts.get(key, "") + delta
-                    finishes[key] = finish or finishes.get(key)
+                    texts[key], entries[key], finishes[key] = prefix, list(echoed), "length"
+                async for index, delta, finish, count, new in self.generate(ids, req.sampling):
+                    key = p * req.sampling.n + index
+                    texts[key] += delta
+                    entries[key] += new
+                    finishes[key] = finish or finishes[key]
                     counts[index] = count
                 generated += sum(counts.values())
-            return full_response(req, rid, self.name, texts, finishes, sum(map(len, prompts)), generated)
+            logprobs = {k: self.logprobs(req, e) for k, e in entries.items()} if req.sampling.logprobs is not None \
+                else None
+            return full_response(req, rid, self.name, texts, finishes, sum(map(len, prompts)), generated, logprobs)
         except Exception as e:  # noqa: BLE001 - the server must stay up
             return reply(self.failure(e))
+
+    def generate(self, ids: list[int], sampling):
+        """The engine's stream, or nothing for echo with max_tokens 0 (the prompt alone)."""
+        if sampling.max_tokens > 0:
+            return self.backend.stream(ids, sampling)
+        async def nothing():
+            return
+            yield
+        return nothing()
+
+    async def echo_of(self, req, p: int, ids: list[int]) -> tuple[str, list]:
+        """What `echo` puts before prompt p's completions: its text and (with logprobs) its
+        tokens' log-prob entries; nothing without echo."""
+        if not req.echo:
+            return "", []
+        text = req.prompt[p] if isinstance(req.prompt[p], str) else self.backend.tokenizer.decode(ids)
+        if req.sampling.logprobs is None:
+            return text, []
+        return text, await self.backend.prompt_logprobs(ids, req.sampling.logprobs)
+
+    def logprobs(self, req, entries: list) -> dict:
+        decode = self.backend.tokenizer.decode
+        return logprobs_body(req.chat, entries, lambda token: decode([token]))
 
     def failure(self, e: Exception) -> ApiError:
         if engine_dead(e):
@@ -149,13 +303,33 @@ class OpenAIServer:
         return ApiError(500, f"generation failed: {e}")
 
     async def events(self, req, rid: str, prompts):
-        started = set()
+        started, generated, offsets = set(), 0, {}
+        wanted = req.sampling.logprobs is not None
         try:
             for p, ids in enumerate(prompts):
-                async for index, delta, finish, _ in self.backend.stream(ids, req.sampling):
+                prefix, echoed = await self.echo_of(req, p, ids)
+                counts = {}
+                for index in range(req.sampling.n if req.echo else 0):  # echo: the prompt first
                     key = p * req.sampling.n + index
-                    yield f"data: {json.dumps(chunk(req, rid, self.name, key, delta, finish, key not in started))}\n\n"
+                    lp = self.logprobs(req, echoed) if wanted else None
+                    alone = "length" if req.sampling.max_tokens == 0 else None  # echo only: nothing follows
+                    yield f"data: {json.dumps(chunk(req, rid, self.name, key, prefix, alone, True, lp))}\n\n"
                     started.add(key)
+                    offsets[key] = len(prefix)
+                async for index, delta, finish, count, new in self.generate(ids, req.sampling):
+                    key = p * req.sampling.n + index
+                    counts[index] = count
+                    lp = None
+                    if wanted:
+                        lp = logprobs_body(req.chat, new, lambda t: self.backend.tokenizer.decode([t]),
+                                           offsets.get(key, 0))
+                        offsets[key] = offsets.get(key, 0) + sum(len(x) for x in lp.get("tokens", ()))
+                    yield f"data: {json.dumps(chunk(req, rid, self.name, key, delta, finish, key not in started, lp))}\n\n"
+                    started.add(key)
+                generated += sum(counts.values())
+            if req.include_usage:
+                usage = usage_chunk(req, rid, self.name, sum(map(len, prompts)), generated)
+                yield f"data: {json.dumps(usage)}\n\n"
         except Exception as e:  # noqa: BLE001 - reported in the stream, the server stays up
             yield f"data: {json.dumps(self.failure(e).body())}\n\n"
         yield "data: [DONE]\n\n"

@@ -155,6 +155,7 @@ def test_a_path_that_nearly_exists_is_suggested(tmp_path, laten_cache):
     assert "config file 'configs/tinny.yaml' not found; did you mean 'configs/tiny.yaml'?" in err
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_a_run_folder_and_a_merged_folder_given_for_each_other(tmp_path, laten_cache):
     """On a real run folder and its real merged folder, as `laten train` and `laten merge` make them."""
     done, _ = laten("train", "--config", TINY_YAML, f"output_dir={tmp_path}", "train.steps=1", cache=laten_cache,

@@ -75,6 +75,7 @@ def test_laten_evaluate_writes_results_summary_and_progress(tmp_path, laten_cach
     assert f"accuracy {summary['value']:.4f}" in done.stdout
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_laten_evaluate_takes_demo_and_repository_data_from_another_directory(tmp_path, laten_cache):
     """demo: specs as `train` and `attribute` take them, and data/... from any directory."""
     for data, task in (("demo:extract", "gsm8k"), ("data/eval/mmlu_dev.jsonl", "mmlu")):

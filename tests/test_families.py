@@ -187,6 +187,7 @@ def test_two_steps_then_a_merge_that_transformers_loads(family, merged_folders):
         assert len(stored) == 1, stored
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.vllm
 def test_vllm_loads_every_familys_merge_and_computes_what_transformers_does(merged_folders):
     """Each merged folder in vLLM (CPU, one process for all: tests/vllm_logprobs.py): the prompt's

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -23,6 +24,7 @@ def modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_default_job_trains_pretrained_tiny_models_and_merges(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # LATEN_CACHE comes from the session fixture
     out = tmp_path / "merged"
@@ -45,6 +47,7 @@ def test_default_job_trains_pretrained_tiny_models_and_merges(tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_a_paper_config_runs_from_any_directory_with_tiny_models(tmp_path):
     """configs/gsm.yaml reads data/gsm/... from the repository wherever it is started."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -218,6 +218,7 @@ def three_children(each_mb: int) -> str:
             "assert [c.wait() for c in children] == [0, 0, 0]\n")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("mechanism", ["cgroup", "polling"])
 def test_memory_is_bounded_for_the_whole_program(mechanism, monkeypatch):
     """Each of three processes fits RLIMIT_AS, their sum does not fit the budget."""

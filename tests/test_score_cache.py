@@ -269,6 +269,7 @@ def _worker(cache, out, barrier, rounds):
                 "hits": target.cache_hits, "misses": target.cache_misses}, out)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_concurrent_writers_of_the_same_keys(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     n, rounds = 3, 40

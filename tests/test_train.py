@@ -63,6 +63,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, family):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     """A real crash: the CLI process is killed with SIGKILL once its first checkpoint exists."""
     overrides = [f"output_dir={tmp_path}", "train.steps=12", "source.model=tiny:llama-source",

@@ -16,13 +16,21 @@ from .fallback import EngineLog, log_path
 
 @dataclass
 class Sampling:
+    """How tokens are chosen; the same meaning (vLLM's, the OpenAI API's) in both engines."""
     max_tokens: int = 512
     temperature: float = 0.0   # 0: greedy
     top_p: float = 1.0
     n: int = 1                 # samples per prompt (pass@k)
     stop: list[str] = field(default_factory=list)
-    seed: int = 0
+    seed: int | None = 0       # None: fresh randomness (the server's unseeded requests)
     ignore_eos: bool = False   # generate max_tokens whatever the model says (the server's load tests)
+    top_k: int = 0             # keep the k likeliest tokens (0 or -1: all)
+    min_p: float = 0.0         # drop tokens below min_p x the likeliest one's probability
+    presence_penalty: float = 0.0   # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    repetition_penalty: float = 1.0  # logits of prompt and generated tokens: / it if > 0, x it if < 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # the server: each generated token's log-prob and this many top ones
 
 
 # Temperatures below this sample as greedy (vLLM's own threshold): dividing logits by 1e-300
@@ -43,15 +51,57 @@ def use_vllm(engine: str) -> bool:
     return engine == "vllm" or (engine == "auto" and vllm_available())
 
 
-def next_tokens(logits: torch.Tensor, s: Sampling, gen) -> torch.Tensor:
-    """The next token of each row: greedy, or sampled with temperature and top-p. [B, V] -> [B]"""
+def generator(seed: int | None, device) -> torch.Generator:
+    """The random stream of one request: seeded, or from fresh OS entropy when seed is None."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed % (1 << 64))  # a negative 64-bit seed too
+    return gen
+
+
+def penalized(logits: torch.Tensor, s: Sampling, prompt: torch.Tensor | None = None,
+              output: torch.Tensor | None = None) -> torch.Tensor:
+    """logit_bias, then the penalties, in vLLM's order and meaning: repetition on the prompt's and
+    the output's tokens, presence and frequency on the output's. logits [B, V]; prompt, output
+    [B, T] token ids (-1: padding) -> [B, V]"""
+    logits = logits.clone()
+    B, V = logits.shape
+    if s.logit_bias:
+        ids = torch.tensor(list(s.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(s.logit_bias.values()), device=logits.device)
+    def counts(ids):  # [B, T] -> [B, V]: how often each token occurs in the row
+        c = torch.zeros(B, V + 1, device=logits.device)
+        if ids is not None and ids.numel():
+            c.scatter_add_(1, ids.masked_fill(ids < 0, V), torch.ones_like(ids, dtype=c.dtype))
+        return c[:, :V]
+    out = counts(output)
+    if s.repetition_penalty != 1.0:
+        seen = (out + counts(prompt)) > 0
+        p = s.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    return logits - s.frequency_penalty * out - s.presence_penalty * (out > 0)
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling, gen, prompt: torch.Tensor | None = None,
+                output: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row: logit_bias and penalties (penalized), then greedy, or sampled
+    with temperature, top-k, top-p and min-p. logits [B, V] -> [B]"""
+    if s.logit_bias or s.presence_penalty or s.frequency_penalty or s.repetition_penalty != 1.0:
+        logits = penalized(logits, s, prompt, output)
     if s.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, -1).values[:, -1:]               # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / s.temperature, -1)
     if s.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > s.top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    if s.min_p > 0:
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), 0.0)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
@@ -59,7 +109,10 @@ def vllm_sampling(s: Sampling):
     from vllm import SamplingParams
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                           stop=s.stop or None, seed=s.seed if s.temperature >= GREEDY_BELOW else None,
-                          ignore_eos=s.ignore_eos)
+                          ignore_eos=s.ignore_eos, top_k=s.top_k if s.top_k > 0 else 0, min_p=s.min_p,
+                          presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                          repetition_penalty=s.repetition_penalty, logit_bias=s.logit_bias or None,
+                          logprobs=s.logprobs)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -114,7 +167,7 @@ class HFEngine:
         """n texts per prompt. Left-padded batches; each row stops at EOS."""
         tok, out = self.tokenizer, []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        gen = torch.Generator(device=self.model.device).manual_seed(s.seed)
+        gen = generator(s.seed, self.model.device)
         for first in range(0, len(prompts), self.batch_size):
             chunk = prompts[first:first + self.batch_size]
             width = max(map(len, chunk))
@@ -129,15 +182,18 @@ class HFEngine:
         return out
 
     def _sample(self, ids, mask, s: Sampling, pad: int, gen) -> list[list[int]]:
-        """Token-by-token decoding with a KV cache (greedy, or temperature/top-p sampling)."""
+        """Token-by-token decoding with a KV cache (next_tokens: greedy or sampled, penalties)."""
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
+        prompt = ids.masked_fill(mask == 0, -1)                  # [B, T]: the penalties' history
+        output = torch.empty(ids.shape[0], 0, dtype=torch.long, device=ids.device)  # [B, t]
         for _ in range(s.max_tokens):
-            token = next_tokens(logits, s, gen)
+            token = next_tokens(logits, s, gen, prompt, output)
+            output = torch.cat([output, torch.where(done, -1, token)[:, None]], 1)
             for i in (~done).nonzero().flatten().tolist():
                 if token[i].item() == eos:
                     done[i] = True

@@ -4,6 +4,7 @@ stop work for a client that has gone, and say whether they are dead or stuck."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from ..eval.engines import Sampling, next_tokens, use_vllm, vllm_sampling
+from ..eval.engines import Sampling, generator, next_tokens, use_vllm, vllm_sampling
 from ..eval.fallback import EngineLog, log_path
 
 
@@ -56,14 +57,43 @@ class _Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
+Entry = tuple[int, float | None, list[tuple[int, float]]]  # a token, its log-probability (None: a prompt's
+                                                           # first token), the top (token, log-prob)s
+
+
+def entry(logp: torch.Tensor, token: int, top: int) -> Entry:
+    """One position's log-probabilities [V] (the model's own distribution, before sampling
+    controls, as vLLM's default raw log-probs) as an Entry with the `top` likeliest."""
+    values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
+    return token, float(logp[token]), list(zip(ids.tolist(), values.tolist()))
+
+
 class Backend:
-    """What both engines share: the tokenizer's ids, and the first token generated at start."""
+    """What both engines share: the tokenizer's ids, and the first token generated at start.
+    `stream` yields (choice index, text delta, finish reason or None, tokens so far, the new
+    tokens' log-probability entries: empty unless Sampling.logprobs asks)."""
     name: str
     tokenizer = None
     fallback: str | None = None  # why vLLM was not used, when `auto` fell back
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids, with a tokenizer of the calling thread's own: a fast tokenizer shared by
+        threads can fail ("Already borrowed"), and the server tokenizes on a pool."""
+        local = self.__dict__.setdefault("_local", threading.local())
+        if not hasattr(local, "tokenizer"):
+            local.tokenizer = copy.deepcopy(self.tokenizer)
+        return local.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def vocabulary(self, vocab: int) -> None:
+        """The model's vocabulary size, and the most characters one token spells (the longest
+        token string bounds its text): a text longer than context x that is refused untokenized."""
+        self.vocab = vocab
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self.max_token_chars = max(len(p) for p in pieces if p is not None)
+
+    def queue_full(self, most: int) -> bool:
+        """Whether `most` requests already wait for this engine (vLLM queues its own: never)."""
+        return False
 
     async def warm_up(self) -> None:
         """One token: some models load but fail at their first step (vLLM's CPU backend lacks
@@ -83,6 +113,7 @@ class HFBackend(Backend):
         self.model = load_model(model, dtype, pick_device(device))
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.context = min(self.context, max_model_len or self.context)
+        self.vocabulary(self.model.config.vocab_size)
         self.progress = Progress()
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="laten-hf-engine", daemon=True)
@@ -92,6 +123,9 @@ class HFBackend(Backend):
     def dead(self) -> bool:
         return not self.worker.is_alive()
 
+    def queue_full(self, most: int) -> bool:
+        return self.jobs.qsize() >= most
+
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
@@ -99,10 +133,10 @@ class HFBackend(Backend):
                 continue  # its client left while it waited
             self.progress.begin()
             try:
-                gen = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
+                gen = generator(job.sampling.seed, self.model.device)
                 for index in range(job.sampling.n):
-                    for delta, finish, count in self._stream_one(job, gen):
-                        job.put((index, delta, finish, count))
+                    for delta, finish, count, entries in self._stream_one(job, gen):
+                        job.put((index, delta, finish, count, entries))
             except Exception as e:  # noqa: BLE001 - handed to the request; the worker lives on
                 job.put(e)
             finally:
@@ -110,43 +144,61 @@ class HFBackend(Backend):
             job.put(None)
 
     @torch.no_grad()
-    def _tokens(self, ids: list[int], s: Sampling, gen, cancelled: threading.Event) -> Iterator[int]:
+    def _tokens(self, ids: list[int], s: Sampling, gen, cancelled: threading.Event) -> Iterator[tuple[int, Entry | None]]:
         device = self.model.device
-        out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        prompt = torch.tensor([ids], device=device)                 # [1, T]
+        output = torch.empty(1, 0, dtype=torch.long, device=device)  # [1, t]: the penalties' history
+        out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         for _ in range(s.max_tokens):
             if cancelled.is_set():
                 return
-            token = int(next_tokens(out.logits[:, -1].float(), s, gen)[0])
+            logits = out.logits[:, -1].float()                     # [1, V]
+            token = int(next_tokens(logits, s, gen, prompt, output)[0])
+            output = torch.cat([output, torch.tensor([[token]], device=device)], 1)
             self.progress.token()
-            yield token
+            yield token, None if s.logprobs is None else entry(logits[0].log_softmax(-1), token, s.logprobs)
             out = self.model(input_ids=torch.tensor([[token]], device=device),
                              past_key_values=out.past_key_values, use_cache=True)
 
-    def _stream_one(self, job: _Job, gen) -> Iterator[tuple[str, str | None, int]]:
-        """(text delta, finish reason or None, tokens so far); holds back text that may begin
-        a stop string or end in half a character."""
+    async def prompt_logprobs(self, ids: list[int], top: int) -> list[Entry]:
+        """Each prompt token's log-probability given the tokens before it (None for the first):
+        what `echo` with `logprobs` returns. One forward pass on a thread of its own."""
+        return await asyncio.to_thread(self._prompt_logprobs, ids, top)
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, ids: list[int], top: int) -> list[Entry]:
+        logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0].float()  # [T, V]
+        logp = logits.log_softmax(-1)
+        return [(ids[0], None, [])] + [entry(logp[t - 1], ids[t], top) for t in range(1, len(ids))]
+
+    def _stream_one(self, job: _Job, gen) -> Iterator[tuple[str, str | None, int, list]]:
+        """(text delta, finish reason or None, tokens so far, new log-prob entries); holds back
+        text that may begin a stop string or end in half a character."""
         s = job.sampling
-        tokens, sent, eos = [], 0, self.tokenizer.eos_token_id
-        for token in self._tokens(job.ids, s, gen, job.cancelled):
+        tokens, sent, eos, entries = [], 0, self.tokenizer.eos_token_id, []
+        for token, logprob in self._tokens(job.ids, s, gen, job.cancelled):
             if token == eos and not s.ignore_eos:
                 break
             tokens.append(token)
+            if logprob is not None:
+                entries.append(logprob)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             hits = [text.find(x) for x in s.stop if x in text]
             if hits:
-                yield text[sent:min(hits)], "stop", len(tokens)
+                yield text[sent:min(hits)], "stop", len(tokens), entries
                 return
             safe = len(text) - max([k for x in s.stop for k in range(1, len(x)) if text.endswith(x[:k])] or [0])
             if text.endswith("\ufffd"):
                 safe = min(safe, len(text) - 1)
             if safe > sent:
-                yield text[sent:safe], None, len(tokens)
-                sent = safe
+                yield text[sent:safe], None, len(tokens), entries
+                sent, entries = safe, []
         finish = "stop" if len(tokens) < s.max_tokens else "length"
-        yield self.tokenizer.decode(tokens, skip_special_tokens=True)[sent:], finish, len(tokens)
+        yield self.tokenizer.decode(tokens, skip_special_tokens=True)[sent:], finish, len(tokens), entries
 
-    async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        """(choice index, text delta, finish reason, tokens so far) for each of the n samples."""
+    async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int, list]]:
+        """(choice index, text delta, finish reason, tokens so far, new log-prob entries) for each
+        of the n samples."""
         job = _Job(ids, s, asyncio.get_running_loop(), asyncio.Queue())
         self.jobs.put(job)
         try:
@@ -171,6 +223,7 @@ class VLLMBackend(Backend):
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**vllm_args(model, dtype, device, max_model_len)))
         self.tokenizer = load_tokenizer(model)  # the same ids the transformers backend would see
         self.context = self.engine.model_config.max_model_len
+        self.vocabulary(self.engine.model_config.get_vocab_size())
         self.progress = Progress()
 
     @property
@@ -183,21 +236,44 @@ class VLLMBackend(Backend):
         except Exception:  # noqa: BLE001 - an engine that died has nothing left to stop
             pass
 
-    async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int]]:
+    async def stream(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[int, str, str | None, int, list]]:
         from vllm.inputs import TokensPrompt
         sent: dict[int, int] = {}
+        logged: dict[int, int] = {}
         self.progress.begin()
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), vllm_sampling(s),
                                                   uuid.uuid4().hex):
-                for o in out.outputs:  # cumulative text: hand on what is new
+                for o in out.outputs:  # cumulative text and log-probs: hand on what is new
                     delta = o.text[sent.get(o.index, 0):]
                     sent[o.index] = len(o.text)
+                    entries = []
+                    if s.logprobs is not None and o.logprobs:
+                        first = logged.get(o.index, 0)
+                        entries = [vllm_entry(o.logprobs[t], o.token_ids[t], s.logprobs)
+                                   for t in range(first, len(o.logprobs))]
+                        logged[o.index] = len(o.logprobs)
                     self.progress.token()
-                    if delta or o.finish_reason:
-                        yield o.index, delta, o.finish_reason, len(o.token_ids)
+                    if delta or o.finish_reason or entries:
+                        yield o.index, delta, o.finish_reason, len(o.token_ids), entries
         finally:
             self.progress.end()
+
+    async def prompt_logprobs(self, ids: list[int], top: int) -> list[Entry]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+        final = None
+        async for final in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+            pass
+        return [(ids[0], None, [])] + [vllm_entry(final.prompt_logprobs[t], ids[t], top) for t in range(1, len(ids))]
+
+
+def vllm_entry(position: dict, token: int, top: int) -> Entry:
+    """vLLM's log-probs of one position ({token id: Logprob}, the chosen one and the top ones) as
+    an Entry."""
+    ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:top]
+    return token, float(position[token].logprob), [(t, float(lp.logprob)) for t, lp in ranked]
 
 
 def engine_dead(e: BaseException) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from .. import checkpoint as ckpt
+from ..eval.evaluate import check_comparable
 from ..eval.stats import compare, holm, mdd_mcnemar, mdd_paired
 from ..eval.tasks import interval95
 from ..records import read_records
@@ -121,6 +122,10 @@ def compute(plan: dict) -> dict:
             budget = _budget(key)
             arm_runs = []
             for u, run in done:
+                try:  # a comparison is paired on the same items, made the same way
+                    check_comparable(base_run["summary"], run["summary"])
+                except ValueError as e:
+                    raise ValueError(f"{u['label']} @{key} against the target: {e}") from None
                 s = _scores(run["records"], ids)
                 lo, hi = interval95(s.tolist())
                 arm_runs.append({"arm": arm, "seed": u["seed"], "budget": budget, "score": float(s.mean()),
