@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laten_ray.serve.backends import engine_dead, start_backend
 from laten_ray.serve.openai import (ApiError, ServeLimits, body_too_large, check_chars, check_ids, check_length,
-                                    chunk, completion_id, full_response, logprobs_body, parse_json, parse_request,
-                                    quote, usage_chunk)
+                                    chunk, completion_id, full_response, logprobs_body, over_limit, parse_json,
+                                    parse_request, quote, usage_chunk)
 
 api = FastAPI(title="laten-ray")
 log = logging.getLogger("ray.serve")
@@ -145,9 +145,7 @@ class OpenAIServer:
             if not isinstance(text, str):
                 raise ApiError(400, f"'prompt' must be a string, got {quote(text)}", "prompt")
             if len(text) > self.limits.prompt_chars:
-                raise ApiError(400, f"characters in a prompt: {len(text)}, over this server's limit of "
-                                    f"{self.limits.prompt_chars} (laten serve --limit-prompt-chars)", "prompt",
-                               "limit_exceeded")
+                raise over_limit("prompt_chars", "characters in a prompt", len(text), self.limits.prompt_chars, "prompt")
             special = body.get("add_special_tokens", True)
             if not isinstance(special, bool):
                 raise ApiError(400, f"'add_special_tokens' must be a boolean, got {quote(special)}",
@@ -161,8 +159,7 @@ class OpenAIServer:
         if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
             raise ApiError(400, f"'tokens' must be a list of token ids, got {quote(ids)}", "tokens")
         if len(ids) > self.limits.prompt_chars:
-            raise ApiError(400, f"token ids: {len(ids)}, over this server's limit of {self.limits.prompt_chars}",
-                           "tokens", "limit_exceeded")
+            raise over_limit("prompt_chars", "token ids", len(ids), self.limits.prompt_chars, "tokens")
         return {"prompt": self.backend.tokenizer.decode(check_ids(ids, self.backend.vocab, "tokens"))}
 
     @api.post("/v1/completions")
@@ -292,9 +289,11 @@ class OpenAIServer:
             return text, []
         return text, await self.backend.prompt_logprobs(ids, req.sampling.logprobs)
 
-    def logprobs(self, req, entries: list) -> dict:
+    def logprobs(self, req, entries: list, offset: int = 0) -> dict:
+        """Log-prob entries in the response's shape, tokens as their text (completions: with
+        offsets in the choice's text from `offset`)."""
         decode = self.backend.tokenizer.decode
-        return logprobs_body(req.chat, entries, lambda token: decode([token]))
+        return logprobs_body(req.chat, entries, lambda token: decode([token]), offset)
 
     def failure(self, e: Exception) -> ApiError:
         if engine_dead(e):
@@ -321,8 +320,7 @@ class OpenAIServer:
                     counts[index] = count
                     lp = None
                     if wanted:
-                        lp = logprobs_body(req.chat, new, lambda t: self.backend.tokenizer.decode([t]),
-                                           offsets.get(key, 0))
+                        lp = self.logprobs(req, new, offsets.get(key, 0))
                         offsets[key] = offsets.get(key, 0) + sum(len(x) for x in lp.get("tokens", ()))
                     yield f"data: {json.dumps(chunk(req, rid, self.name, key, delta, finish, key not in started, lp))}\n\n"
                     started.add(key)

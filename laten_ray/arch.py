@@ -56,11 +56,10 @@ class Family:
         return field if field and getattr(self, field) else None
 
 
-def read_families(path: Path = FAMILIES_FILE) -> dict[str, Family]:
-    """families.yaml as {name: Family}; an unknown key or a model_type claimed twice is an error
-    naming the file and the entry."""
-    import yaml
-    tree = yaml.safe_load(path.read_text())
+def read_families(path: Path = FAMILIES_FILE, tree: dict | None = None) -> dict[str, Family]:
+    """families.yaml (already parsed: `tree`) as {name: Family}; an unknown key or a model_type
+    claimed twice is an error naming the file and the entry."""
+    tree = dict(tree if tree is not None else _parsed(path))
     defaults = tree.pop("defaults")
     tree.pop("unsupported", None)
     known = set(Family.__dataclass_fields__) - {"name"}
@@ -80,13 +79,15 @@ def read_families(path: Path = FAMILIES_FILE) -> dict[str, Family]:
     return out
 
 
-FAMILIES: dict[str, Family] = read_families()
-BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
-
-
-def _unsupported_hints(path: Path = FAMILIES_FILE) -> dict[str, str]:
+def _parsed(path: Path) -> dict:
     import yaml
-    return yaml.safe_load(path.read_text()).get("unsupported", {})
+    return yaml.safe_load(path.read_text())
+
+
+_TREE = _parsed(FAMILIES_FILE)  # read once: the families, and the hints for refused model types
+FAMILIES: dict[str, Family] = read_families(FAMILIES_FILE, _TREE)
+BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
+UNSUPPORTED: dict[str, str] = _TREE.get("unsupported", {})  # model_type -> why, and what to do
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Shape:
 def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in BY_MODEL_TYPE:
-        hint = _unsupported_hints().get(model_type)
+        hint = UNSUPPORTED.get(model_type)
         if hint:
             raise ValueError(f"unsupported architecture {model_type!r}: {hint}")
         raise ValueError(f"unsupported architecture {model_type!r}; supported model types: "

@@ -36,16 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import Arch, Shape, shape_of
+from .arch import Arch, shape_of
 from .data import Example, lm_batch
 from .train import answer_loss
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def matrix_shape(s: Shape, module: str) -> tuple[int, int]:
-    """[out, in] of a module's weight (nn.Linear's layout)."""
-    return s.matrix(module)
 
 
 def check_unfused(arch: Arch) -> None:
@@ -249,7 +244,7 @@ def extract(source, tokenizer, target, examples: list[Example], rank: int = 16, 
         for m in MATRICES:
             S = acc.pop((i, m))  # freed once reduced
             pieces.append(Piece(layer=t, module=m, source_layer=i,
-                                **reduce(arch.weight(i, m), S, matrix_shape(t_shape, m), rank)))
+                                **reduce(arch.weight(i, m), S, t_shape.matrix(m), rank)))
             del S
     acc.clear()
     seconds["reduce"] = time.perf_counter() - t0

@@ -83,7 +83,7 @@ class ServeLimits:
         return cls(**values)
 
 
-def _over(limit: str, what: str, value: int | str, most: int, param: str | None, status: int = 400) -> ApiError:
+def over_limit(limit: str, what: str, value: int | str, most: int, param: str | None, status: int = 400) -> ApiError:
     """A request over one of the limits, named with its `laten serve` flag."""
     flag = "--limit-" + limit.replace("_", "-")
     return ApiError(status, f"{what}: {value}, over this server's limit of {most} (limit {limit}; laten serve {flag})",
@@ -92,7 +92,7 @@ def _over(limit: str, what: str, value: int | str, most: int, param: str | None,
 
 def body_too_large(size: int, limits: ServeLimits, at_least: bool = False) -> ApiError:
     what = "request body bytes (read so far)" if at_least else "request body bytes"
-    return _over("body_bytes", what, size, limits.body_bytes, None, 413)
+    return over_limit("body_bytes", what, size, limits.body_bytes, None, 413)
 
 
 def parse_json(raw: bytes, limits: ServeLimits):
@@ -104,12 +104,12 @@ def parse_json(raw: bytes, limits: ServeLimits):
     except ValueError as e:  # an integer literal longer than Python converts (4300 digits)
         raise ApiError(400, f"the request body has a number too long to read ({str(e)[:120]})") from None
     except RecursionError:  # deeper than Python's parser goes: certainly over the limit
-        raise _over("json_depth", "JSON nesting depth", "too deep to parse", limits.json_depth, None) from None
+        raise over_limit("json_depth", "JSON nesting depth", "too deep to parse", limits.json_depth, None) from None
     depth, level = 0, [body]  # breadth-first, one level at a time: no recursion
     while level:
         depth += 1
         if depth > limits.json_depth:
-            raise _over("json_depth", "JSON nesting depth", depth, limits.json_depth, None)
+            raise over_limit("json_depth", "JSON nesting depth", depth, limits.json_depth, None)
         level = [c for v in level for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
                  if isinstance(c, (dict, list))]
     return body
@@ -205,7 +205,7 @@ def parse_request(body, chat: bool, model_name: str, limits: ServeLimits | None 
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
         if len(messages) > limits.messages:
-            raise _over("messages", "messages", len(messages), limits.messages, "messages")
+            raise over_limit("messages", "messages", len(messages), limits.messages, "messages")
         chars, turns = 0, []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -217,7 +217,7 @@ def parse_request(body, chat: bool, model_name: str, limits: ServeLimits | None 
             text = _content(m, i)
             chars += len(text)
             if chars > limits.prompt_chars:
-                raise _over("prompt_chars", "characters in the messages", chars, limits.prompt_chars, "messages")
+                raise over_limit("prompt_chars", "characters in the messages", chars, limits.prompt_chars, "messages")
             _text(text, f"messages[{i}].content")
             turns.append({"role": RENDER_ROLE.get(m["role"], m["role"]), "content": text})
         prompts = [chat_prompt([*turns, {"role": "assistant", "content": ""}])]
@@ -233,11 +233,11 @@ def parse_request(body, chat: bool, model_name: str, limits: ServeLimits | None 
             raise ApiError(400, "'prompt' must be a string, a non-empty list of strings, a list of token ids "
                                 f"or a list of lists of token ids, got {quote(prompt)}", "prompt")
         if len(prompts) > limits.prompts:
-            raise _over("prompts", "prompts", len(prompts), limits.prompts, "prompt")
+            raise over_limit("prompts", "prompts", len(prompts), limits.prompts, "prompt")
         for p in prompts:
             if len(p) > limits.prompt_chars:
                 what = "characters in a prompt" if isinstance(p, str) else "token ids in a prompt"
-                raise _over("prompt_chars", what, len(p), limits.prompt_chars, "prompt")
+                raise over_limit("prompt_chars", what, len(p), limits.prompt_chars, "prompt")
             if isinstance(p, str):
                 _text(p, "prompt")
     stop = body.get("stop")
@@ -247,12 +247,12 @@ def parse_request(body, chat: bool, model_name: str, limits: ServeLimits | None 
         raise ApiError(400, f"'stop' must be a string or a list of strings, got {quote(stop)}", "stop")
     stop = stop or []
     if len(stop) > limits.stop:
-        raise _over("stop", "stop strings", len(stop), limits.stop, "stop")
+        raise over_limit("stop", "stop strings", len(stop), limits.stop, "stop")
     for s in stop:
         if not s:
             raise ApiError(400, "'stop' strings must not be empty", "stop")
         if len(s) > limits.stop_chars:
-            raise _over("stop_chars", "characters in a stop string", len(s), limits.stop_chars, "stop")
+            raise over_limit("stop_chars", "characters in a stop string", len(s), limits.stop_chars, "stop")
         _text(s, "stop")
     for key, harmless in NOT_IMPLEMENTED.items():
         if key in body and body[key] is not None and not harmless(body[key]):
@@ -267,10 +267,10 @@ def parse_request(body, chat: bool, model_name: str, limits: ServeLimits | None 
         max_tokens = _typed(body, "max_tokens", int, None if chat else min(16, limits.max_tokens),
                             lambda v: v >= 0, "a positive integer")
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise _over("max_tokens", key, max_tokens, limits.max_tokens, key)
+        raise over_limit("max_tokens", key, max_tokens, limits.max_tokens, key)
     n = _typed(body, "n", int, 1, positive, "a positive integer")
     if n > limits.n:
-        raise _over("n", "n", n, limits.n, "n")
+        raise over_limit("n", "n", n, limits.n, "n")
     best_of = _typed(body, "best_of", int, n, positive, "a positive integer")
     if best_of != n:
         raise ApiError(400, f"'best_of' {best_of} other than n ({n}) is not supported by this server", "best_of",
