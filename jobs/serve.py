@@ -37,7 +37,7 @@ def build_app(args: dict):
         raise ValueError(f"serve settings: unknown key(s) {sorted(unknown)}; known: {sorted(APP_KEYS)}")
     if "model" not in args:
         raise ValueError("serve settings: 'model' is required")
-    from laten_ray.eval.engines import use_vllm
+    from laten_ray.generate import use_vllm
     from laten_ray.models import check_spec
     model = str(args["model"])
     check_spec(model)  # a missing folder fails here, before Ray starts

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from laten_ray.eval.engines import HFEngine, Sampling, prompt_text, vllm_available
+from laten_ray.eval.protocol import prompt_text
+from laten_ray.generate import Sampling, vllm_available
+from laten_ray.generate.hf import HFEngine
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny:demo-source"
@@ -36,7 +38,7 @@ def gsm_rows():
 def test_vllm_and_transformers_give_the_same_greedy_text(laten_cache):
     if not vllm_available():
         pytest.skip("vLLM is not installed here (pip install -e '.[cpu]'); nothing to compare against")
-    from laten_ray.eval.engines import VLLMEngine
+    from laten_ray.generate.vllm import VLLMEngine
     hf = HFEngine(MODEL, batch_size=3)  # batches of 3 with left padding, vLLM all at once
     prompts = [hf.encode(prompt_text(q)) for q in QUESTIONS]
     s = Sampling(max_tokens=24, stop=["<|user|>"])
@@ -191,7 +193,7 @@ def test_vllm_sizes_its_context_from_the_task_not_the_models_declared_one(tmp_pa
     summary, engine = evaluate(model, "mmlu", mmlu, tmp_path / "vm", {"engine": "vllm", "mode": "choice"}, limit=6,
                                progress=False, keep_engine=True)
     try:
-        assert summary["engine"] == "vllm" and engine.max_len < 1024
+        assert summary["engine"] == "vllm" and engine.context < 1024
         data = write_jsonl(tmp_path / "gsm.jsonl", gsm_rows()[:3])
         generated = evaluate(model, "gsm8k", str(data), tmp_path / "vg", {"engine": "vllm", "max_tokens": 16},
                              engine=engine, progress=False)

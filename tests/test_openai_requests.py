@@ -4,7 +4,7 @@ here) accepted and logged; and the sampling controls do in the engines what vLLM
 import pytest
 import torch
 
-from laten_ray.eval.engines import Sampling, generator, next_tokens, penalized
+from laten_ray.generate.sampling import Sampling, generator, next_tokens, penalized
 from laten_ray.serve.openai import ApiError, ServeLimits, check_chars, check_ids, parse_json, parse_request
 
 
@@ -143,9 +143,9 @@ def test_the_transformers_backend_gives_the_models_own_logprobs():
     distribution, before sampling controls), with the top ones sorted; echo's prompt entries
     are each prompt token's given the tokens before it. The response shapes follow the API."""
     import asyncio
-    from laten_ray.serve.backends import HFBackend
+    from laten_ray.generate.hf import HFEngine
     from laten_ray.serve.openai import logprobs_body
-    backend = HFBackend("tiny:demo-source")
+    backend = HFEngine("tiny:demo-source")
     ids = backend.encode("<|user|>\nWhat is 2 + 3?\n\n<|assistant|>\n")
 
     async def run():

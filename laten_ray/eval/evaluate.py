@@ -20,7 +20,8 @@ from .. import checkpoint as ckpt
 from ..records import DataError, read_records
 from ..models import load_tokenizer
 from . import protocol as proto
-from .engines import Sampling, context_of, engine_from_settings
+from ..generate import Sampling, engine_from_settings
+from ..generate.vllm import context_of
 from .sandbox import Limits, run_programs
 from .tasks import TASKS, Item, Task, get_task, interval95, pass_at_k
 
@@ -102,8 +103,8 @@ def sampling_for(task: str, settings: dict, fmt: str = "laten") -> Sampling:
     fields = {f.name for f in dataclasses.fields(Sampling)}
     s = Sampling(**{"max_tokens": get_task(task).max_tokens, **{k: v for k, v in settings.items() if k in fields}})
     s.stop = list(dict.fromkeys([*s.stop, *proto.stops(task, fmt)]))
-    if s.n < 1 or s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise ValueError(f"bad sampling settings {s}")
+    if s.max_tokens < 1:  # Sampling checks the rest (its 0 is the server's echo)
+        raise ValueError(f"sampling: 'max_tokens' must be >= 1 for evaluation, got {s.max_tokens}")
     if s.n > 1 and s.temperature == 0:
         raise ValueError("n > 1 samples need temperature > 0 (greedy samples are all the same)")
     return s
@@ -216,7 +217,7 @@ def evaluate(model: str, task_name: str, data: str, out: str | Path, settings: d
     t0 = time.perf_counter()
     choice = protocol.mode == "choice"
     need = 8 if choice else sampling.max_tokens  # choice: a letter's tokens, and the one token vLLM generates
-    tokenizer, context = (engine.tokenizer, engine.max_len) if engine else (load_tokenizer(model), context_of(model))
+    tokenizer, context = (engine.tokenizer, engine.context) if engine else (load_tokenizer(model), context_of(model))
     texts, kept, longest = prompts_for(task_name, items, protocol, pool, tokenizer, context, need, data)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar
     eng = engine or engine_from_settings(model, settings, longest + need, out, say)  # vLLM sized for these prompts

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .engines import prompt_text
+from ..data import chat_prompt
 from .tasks import MODES, get_task
 
 FORMATS = ("laten", "model", "plain")
@@ -49,6 +49,11 @@ class Protocol:
     def as_dict(self) -> dict:
         return asdict(self)
 
+
+
+def prompt_text(user: str) -> str:
+    """The chat prompt of the paper's data (the format LaTen trains on) for one user message."""
+    return chat_prompt([{"role": "user", "content": user}, {"role": "assistant", "content": ""}])
 
 def default_protocol(task: str, fields: dict) -> Protocol:
     """The protocol that evaluation settings ask for; the mode defaults to the task's first

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..data import chat_prompt
-from ..eval.engines import GREEDY_BELOW, Sampling
+from ..generate.sampling import GREEDY_BELOW, Sampling
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Rendered in laten's chat format as the role the model was trained on: OpenAI's `developer` is

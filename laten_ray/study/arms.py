@@ -350,7 +350,7 @@ def source_answers(study, examples: dict, path: Path) -> dict[str, str]:
         if set(kept) == set(examples):
             return kept
     from ..data import chat_prompt
-    from ..eval.engines import Sampling, engine_from_settings
+    from ..generate import Sampling, engine_from_settings
     from ..eval.protocol import TURN_STOPS
     from ..models import load_tokenizer
     prompts = {label: chat_prompt(e.messages) for label, e in examples.items()}
