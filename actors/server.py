@@ -180,7 +180,13 @@ class OpenAIServer:
         and from requests that arrive whole."""
         limit = self.limits.body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if not declared.isdigit():
+            # Ray Serve's proxy reads a body into memory as fast as the client sends it, and hands
+            # it on in batches of many MB, before this replica can count it (proxy_asgi_receive, an
+            # unbounded queue): only a declared length can be refused before anything is read.
+            raise ApiError(411, "the request must declare its body's length (a Content-Length header; "
+                                "chunked uploads are not accepted)", None, "length_required")
+        if int(declared) > limit:
             raise body_too_large(int(declared), self.limits)
         got = {"size": 0}
 

@@ -309,6 +309,59 @@ def test_unfinished_uploads_cannot_take_the_server(server):
     assert_serving(server)
 
 
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(status line and headers, body) of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data and (more := sock.recv(4096)):
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (more := sock.recv(4096)):
+        body += more
+    return head, body
+
+
+def test_chunked_uploads_are_refused_before_they_are_read(server):
+    """A body without Content-Length (chunked) is a 411 naming the header, before the replica
+    reads any of it: 12 clients pushing 64 MB each as fast as they can leave the replica's memory
+    where it was and the proxy's nearly so, and /health answers within a second meanwhile."""
+    replica, proxy = ray_process(server, "ServeReplica:laten"), ray_process(server, "ProxyActor")
+    before = rss_mb(replica), rss_mb(proxy)
+    host, port = "127.0.0.1", int(server["base"].rsplit(":", 1)[1].split("/")[0])
+    piece = b'{"model": "demo", "prompt": "' + b"x" * (1 << 20)
+    answers = []
+
+    def upload() -> None:
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode())
+            try:
+                for _ in range(64):  # bounded: 64 MB, or until the server closes
+                    sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            except OSError:
+                pass
+            answers.append(read_response(sock))
+
+    senders = [__import__("threading").Thread(target=upload) for _ in range(12)]
+    for t in senders:
+        t.start()
+    while any(t.is_alive() for t in senders):
+        start = time.monotonic()
+        code, answer = health(server)
+        assert code == 200 and time.monotonic() - start < 1.0, answer
+        time.sleep(0.2)
+    assert len(answers) == 12
+    for head, body in answers:
+        assert head.startswith(b"HTTP/1.1 411"), head
+        error = json.loads(body)["error"]
+        assert error["code"] == "length_required" and "Content-Length" in error["message"], error
+    after = rss_mb(replica), rss_mb(proxy)
+    assert after[0] - before[0] < 30, (before, after)   # accepted, the replica took 100s of MB
+    assert after[1] - before[1] < 100, (before, after)
+    assert_serving(server)
+
+
 def test_32_concurrent_requests(server):
     c = client(server)
 
