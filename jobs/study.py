@@ -118,12 +118,9 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
 
     r, study_dir = study.ray, study.study_dir
     cache = {"LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
-    build = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=2,  # a killed worker's build resumes from disk
-                 runtime_env={"env_vars": entry.worker_env(r.num_cpus, **cache)})
-    # A build that trains through Ray Train holds no GPU while it waits on the run's workers, which
-    # hold them (laten_ray/study/ray_train.py); its CPUs Ray lends them while it waits.
-    builds = {False: ray.remote(build_unit).options(**build),
-              True: ray.remote(build_unit).options(**{**build, "num_gpus": 0})}
+    build = ray.remote(build_unit).options(
+        num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=2,  # a killed worker's build resumes from disk
+        runtime_env={"env_vars": entry.worker_env(r.num_cpus, **cache)})
     # The pool's actors take no CPU from Ray's count: the slots below bound the work at once, and a
     # pool that held CPUs would leave none for the builds.
     evaluator = ray.remote(EvaluatorActor).options(
@@ -164,8 +161,7 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
             if r.eval_num_gpus:  # idle evaluators would keep GPUs a build needs
                 while idle:
                     ray.kill(idle.pop())
-            task = builds[ARMS[step.unit.arm].ray_train and r.train_workers > 0]
-            flights[task.remote(BuildUnit.of(study, step.unit, int(r.num_cpus)))] = (step, None)
+            flights[build.remote(BuildUnit.of(study, step.unit, int(r.num_cpus)))] = (step, None)
             say(step, "building")
         else:
             actor = idle.pop() if idle else evaluator.remote(settings, r.eval_num_cpus)
