@@ -170,9 +170,3 @@ def test_jobs_and_actors_pages_show_the_training_job(cluster, browser, training_
     if os.environ.get("LATEN_DASHBOARD_SCREENSHOT"):
         shutil.copy(tmp_path / "actors.png", os.environ["LATEN_DASHBOARD_SCREENSHOT"])
     print(f"screenshots: {tmp_path}")
-
-
-@pytest.mark.skip(reason="the study's fine-tuning arms are not Ray Train runs yet (issue 25)")
-def test_train_page_lists_a_studys_fine_tuning_run(cluster, browser, tmp_path):
-    """To come with the Ray Train arms: run a study with a fine-tuning arm (sft-lora), open the
-    dashboard's Train page and check that it lists the arm's run; screenshot to tmp_path."""
