@@ -589,8 +589,13 @@ def test_a_stuck_engine_is_replaced(server):
     if server["engine"] != "vllm":
         pytest.skip("transformers runs inside the replica; a stopped replica is Ray Serve's own health timeout")
     import psutil
+    assert_serving(server, within_s=120)  # the previous test's replacement replica has its engine
     replica = ray_process(server, "ServeReplica:laten")
-    core = next(p for p in replica.children(recursive=True) if "EngineCore" in p.name())
+    deadline = time.monotonic() + 60
+    while not (cores := [p for p in replica.children(recursive=True) if "EngineCore" in p.name()]):
+        assert time.monotonic() < deadline, [p.name() for p in replica.children(recursive=True)]
+        time.sleep(1)
+    core = cores[0]
     core.suspend()
     try:
         def hang() -> None:
