@@ -1,7 +1,6 @@
 """The serving actor: a Ray Serve deployment (`laten-openai`) with the OpenAI API over HTTP.
-Request checks and response shapes are laten_ray/serve/openai.py, the engines
-the one generation layer
-(laten_ray/generate/); this file only wires them to FastAPI on Ray Serve.
+Request checks and response shapes are laten_ray/serve/openai.py, the engines the one
+generation layer (laten_ray/generate/); this file only wires them to FastAPI on Ray Serve.
 
 Hardening: only JSON bodies are read, up to their limit and deadline, and every other limit is
 checked before any tokenization; JSON parsing and tokenization run on a bounded pool of threads,
