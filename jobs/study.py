@@ -107,6 +107,9 @@ def run_study(study, address: str | None = None, log=print) -> Path:
     return study_dir
 
 
+LOST_RETRIES = 1  # an evaluation whose evaluator actor is lost (not its code's error) runs again once, on a fresh one
+
+
 def carry_out(study, units, steps: list[Step], log) -> list[str]:
     """Run the steps on the cluster, each once its prerequisites are done, as many at once as
     fit; returns the labels of the steps that failed (or could not run)."""
@@ -118,9 +121,12 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
 
     r, study_dir = study.ray, study.study_dir
     cache = {"LATEN_ATTRIBUTION_CACHE": str(study_dir / "attribution-cache")}  # each example attributed once
-    build = ray.remote(build_unit).options(
-        num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=2,  # a killed worker's build resumes from disk
-        runtime_env={"env_vars": entry.worker_env(r.num_cpus, **cache)})
+    build = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=2,  # a killed worker's build resumes from disk
+                 runtime_env={"env_vars": entry.worker_env(r.num_cpus, **cache)})
+    # A build that trains through Ray Train holds no GPU while it waits on the run's workers, which
+    # hold them (laten_ray/study/ray_train.py); its CPUs Ray lends them while it waits.
+    builds = {False: ray.remote(build_unit).options(**build),
+              True: ray.remote(build_unit).options(**{**build, "num_gpus": 0})}
     # The pool's actors take no CPU from Ray's count: the slots below bound the work at once, and a
     # pool that held CPUs would leave none for the builds.
     evaluator = ray.remote(EvaluatorActor).options(
@@ -135,6 +141,7 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
     info: dict[str, dict] = {}   # unit label -> its built.json
     done: set[str] = set()       # labels of finished steps (builds by unit label, evaluations by theirs)
     failed: dict[str, str] = {}
+    lost: list[str] = []         # labels of evaluations whose evaluator was lost, once per loss
     for u in units:
         if built := u.built():
             info[u.label] = built
@@ -161,7 +168,8 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
             if r.eval_num_gpus:  # idle evaluators would keep GPUs a build needs
                 while idle:
                     ray.kill(idle.pop())
-            flights[build.remote(BuildUnit.of(study, step.unit, int(r.num_cpus)))] = (step, None)
+            task = builds[ARMS[step.unit.arm].ray_train and r.train_workers > 0]
+            flights[task.remote(BuildUnit.of(study, step.unit, int(r.num_cpus)))] = (step, None)
             say(step, "building")
         else:
             actor = idle.pop() if idle else evaluator.remote(settings, r.eval_num_cpus)
@@ -200,6 +208,20 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
             step, actor = flights.pop(ref)
             try:
                 result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if actor is not None and not e.actor_init_failed and lost.count(step.label) < LOST_RETRIES:
+                    # its evaluator was lost (its process died, or Ray dropped it before it
+                    # started), not an error of the evaluation: again on a fresh evaluator
+                    lost.append(step.label)
+                    ray.kill(actor)
+                    say(step, f"its evaluator was lost ({_short(e)}); evaluating again")
+                    pending.insert(0, step)
+                    continue
+                failed[step.label] = str(e)
+                say(step, f"FAILED ({step.kind}): {_short(e)}")
+                if actor is not None:
+                    ray.kill(actor)
+                continue
             except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others go on
                 failed[step.label] = str(e)
                 say(step, f"FAILED ({step.kind}): {_short(e)}")

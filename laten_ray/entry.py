@@ -15,6 +15,8 @@ from .records import DataError
 ENV_DEFAULTS = {
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",  # torch tensors through the object store unpickled
     "TOKENIZERS_PARALLELISM": "false",          # no tokenizer threads beside torch's, no fork warning
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",     # Ray Train's run state (a study's LoRA arms) kept for its API
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",              # Ray Train workers keep the working directory (relative paths)
 }
 # Forwarded from this process to Ray workers when set here: where models, data and caches live.
 PASSED_ON = ("LATEN_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

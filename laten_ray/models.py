@@ -2,6 +2,8 @@
 (laten_ray/builtin/tiny.py) built on first use."""
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -58,3 +60,17 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def hardware() -> dict:
+    """Where this process runs (a study's unit, in built.json): host, CPU, the CPUs it may use,
+    its torch threads, GPUs."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"host": platform.node(), "cpu": cpu, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}

@@ -1,7 +1,9 @@
-"""What a user sees in the Ray dashboard during a `laten train --ray` job, in a real browser:
-Debian's Chromium, headless, driven over its DevTools protocol on 127.0.0.1, against a local
-Ray cluster with token authentication. The token is typed into the dashboard's dialog; the Jobs
-page must list the job and the Actors page `laten-source` and `laten-target`. Screenshots go to
+"""What a user sees in the Ray dashboard during a `laten train --ray` job and a `laten study`
+job, in a real browser: Debian's Chromium, headless, driven over its DevTools protocol on
+127.0.0.1, against a local Ray cluster with token authentication. The token is typed into the
+dashboard's dialog; the Jobs page must list the job, the Actors page `laten-source` and
+`laten-target`, then, during a study, the Ray Train actors of its sft-lora run (Ray 2.60's
+dashboard has no Train page; the run's name is read from Ray Train's state API). Screenshots go to
 the test's output folder (LATEN_DASHBOARD_SCREENSHOT=FILE.png also saves the Actors page there,
 as the README's docs/images/dashboard-actors.png was made)."""
 from __future__ import annotations
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 RUN = "browserrun"
+STUDY = "browserstudy"
 PAGE_WAIT_S = 60
 
 
@@ -69,7 +72,9 @@ class Browser:
         return reply["result"]
 
     def js(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+        """The value of a JavaScript expression in the page (a promise's, once it settles)."""
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                         awaitPromise=True)["result"].get("value")
 
     def text(self) -> str:
         """The page's text; empty while it (re)loads."""
@@ -127,12 +132,7 @@ def training_job(cluster):
     config = tiny_config_dict("llama", cluster["tmp"] / "runs", steps=300, align_per_step=30)
     config["name"] = RUN
     (cluster["tmp"] / "run.yaml").write_text(yaml.safe_dump(config))
-    submit = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--runtime-env",
-              "runtime_env.yaml", "--no-wait", "--", "python", "-m", "jobs.train", "--config",
-              str(cluster["tmp"] / "run.yaml")]
-    done = subprocess.run(submit, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    job_id = re.search(r"raysubmit_\w+", done.stdout).group(0)
+    job_id = submit(cluster, "python", "-m", "jobs.train", "--config", str(cluster["tmp"] / "run.yaml"))
     run_dir = cluster["tmp"] / "runs" / RUN
     deadline = time.monotonic() + 180
     while not (run_dir.is_dir() and checkpoint_steps(run_dir)):
@@ -141,8 +141,21 @@ def training_job(cluster):
     try:
         yield job_id
     finally:
-        subprocess.run([RAY, "job", "stop", "--address", cluster["dashboard"], job_id], env=cluster["env"],
-                       capture_output=True, timeout=120)
+        stop(cluster, job_id)
+
+
+def submit(cluster, *command: str) -> str:
+    """`ray job submit --no-wait` of `command` from the repository; the job's id."""
+    submit = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--runtime-env",
+              "runtime_env.yaml", "--no-wait", "--", *command]
+    done = subprocess.run(submit, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.search(r"raysubmit_\w+", done.stdout).group(0)
+
+
+def stop(cluster, job_id: str) -> None:
+    subprocess.run([RAY, "job", "stop", "--address", cluster["dashboard"], job_id], env=cluster["env"],
+                   capture_output=True, timeout=120)
 
 
 def show(browser: Browser, cluster, path: str, *texts: str, timeout_s: float = PAGE_WAIT_S) -> str:
@@ -169,4 +182,24 @@ def test_jobs_and_actors_pages_show_the_training_job(cluster, browser, training_
     browser.screenshot(tmp_path / "actors.png")
     if os.environ.get("LATEN_DASHBOARD_SCREENSHOT"):
         shutil.copy(tmp_path / "actors.png", os.environ["LATEN_DASHBOARD_SCREENSHOT"])
+    print(f"screenshots: {tmp_path}")
+
+
+def test_a_studys_fine_tuning_run_shows_as_ray_train(cluster, browser, training_job, tmp_path):
+    """A study's sft-lora arm trains as a Ray Train run: the Actors page lists its controller and
+    worker, and Ray Train's state API (what a Train dashboard reads; Ray 2.60's own dashboard has
+    no Train page) lists the run by the study's, the arm's and the seed's name, read with the
+    browser's own session. The training job is stopped first: its actors hold the CPUs."""
+    stop(cluster, training_job)
+    job_id = submit(cluster, "python", "-m", "jobs.study", "--config", "configs/study-demo.yaml", f"name={STUDY}",
+                    "arms=[target,sft-lora]", "seeds=1", "budgets=[64]", "task.limit=4", "ray.train_workers=1")
+    try:
+        show(browser, cluster, "/actors", "TrainController", "RayTrainWorker", timeout_s=240)
+        browser.screenshot(tmp_path / "train-actors.png")
+        runs = browser.js("fetch('/api/train/v2/runs/v1').then(r => r.json())"
+                          ".then(j => j.train_runs.map(t => [t.name, t.status]))")
+    finally:
+        stop(cluster, job_id)
+    names = [name for name, _ in runs or []]
+    assert any(re.fullmatch(rf"laten-study-{STUDY}-sft-lora-s0-[0-9a-f]{{10}}", n) for n in names), runs
     print(f"screenshots: {tmp_path}")

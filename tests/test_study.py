@@ -57,6 +57,8 @@ def tiny_study(root: Path, **extra) -> "StudyConfig":  # noqa: F821
     ("laten.train.steps=5", "laten.train.steps: a study with budgets trains to its largest budget"),
     ("laten.train.schedule=one-cycle", "laten.train.schedule: one-cycle decays to the run's end"),
     ("laten.train.schedule=cosine", "laten.train.schedule: 'cosine' is not one of one-cycle, constant"),
+    ("ray.train_workers=-1", "ray.train_workers: must not be negative, got -1"),
+    ("ray.train_workers=1.5", "ray.train_workers: expected int, got 1.5"),
 ])
 def test_a_bad_study_config_fails_before_any_model_loads_naming_the_key(tmp_path, monkeypatch, capsys,
                                                                        override, message):

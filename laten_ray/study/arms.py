@@ -19,6 +19,7 @@ import itertools
 import json
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ class Arm:
     trains = False       # has a loss curve (metrics.jsonl) for the report
     needs: tuple[str, ...] = ()  # arms of the same seed whose folders this one reads
     in_driver = False    # builds in no time (no model work): the driver does it, not a Ray task
+    ray_train = False    # on Ray its training is a Ray Train run, whose workers hold the GPUs
 
     def key(self, study, seed: int | None) -> dict:
         """Everything that determines this arm's model (hashed into its folder's name)."""
@@ -223,21 +225,52 @@ def laten_steps(study, seed: int):
     return cfg, [[split[n][i] for n, i in step] for step in plan], [[f"{n}:{i}" for n, i in step] for step in plan]
 
 
+def ray_train_run(study) -> bool:
+    """Whether a LoRA arm's training is a Ray Train run: on a Ray cluster (a study's build task)
+    unless `ray.train_workers` is 0; elsewhere (`laten arm`, a test) it runs in this process."""
+    import ray
+    return study.ray.train_workers > 0 and ray.is_initialized()
+
+
+def before_training(study, fn, *args):
+    """fn(*args): a LoRA arm's work before training (the source's answers, Seeking's plan), whose
+    results are kept in the unit's folder. Before a Ray Train run on GPUs it runs in a task of its
+    own holding the build's GPUs: the build task that waits on the run holds none (jobs/study.py),
+    or the run's workers could wait for them forever."""
+    if not (ray_train_run(study) and study.ray.num_gpus):
+        return fn(*args)
+    import ray
+    r = study.ray
+    return ray.get(ray.remote(fn).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus).remote(*args))
+
+
 def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, lora, note: dict,
-               model=None, init=None) -> dict:
-    """LoRA-fine-tune the target (or `model`) on `steps`, one optimizer step each, and write the
-    merged folder of every budget; what every LoRA arm shares. The labels of each step go to
-    sft/examples.json."""
-    from ..lora import Optim, finetune
-    from ..models import load_model, load_tokenizer, pick_device
+               init=None) -> dict:
+    """LoRA-fine-tune the target on `steps`, one optimizer step each, and write the merged folder
+    of every budget; what every LoRA arm shares. The labels of each step go to sft/examples.json.
+    On Ray, a Ray Train run of `ray.train_workers` workers, each running lora_train on its part
+    of every step (study/ray_train.py); else lora_train here. `init` must pickle (a worker gets it)."""
     (folder / "sft").mkdir(parents=True, exist_ok=True)
     ckpt.save_json(labels, folder / "sft" / "examples.json")
+    job = {"study": study, "cfg": cfg, "seed": seed, "folder": folder, "steps": steps, "lora": lora,
+           "note": note, "init": init}
+    if ray_train_run(study):
+        from .ray_train import fit
+        return fit(lora_train, job)
+    return lora_train(**job)
+
+
+def lora_train(study, cfg, seed: int, folder: Path, steps: list, lora, note: dict, init=None,
+               shard=None, on_step=None) -> dict:
+    """lora.finetune on `steps` (with `shard`: this process's part of each; rank 0 writes) and the
+    merged folder of every budget; returns the build's "models", "metrics", "train_s", "merge_s"."""
+    from ..lora import Optim, finetune
+    from ..models import load_model, load_tokenizer, pick_device
     t = cfg.train
     optim = Optim(t.micro_batch_size, cfg.data.max_length, cfg.data.train_on_inputs, t.weight_decay,
                   tuple(t.betas), t.warmup_ratio, t.schedule, t.warmup_steps)
     tokenizer = load_tokenizer(cfg.target.model)
-    if model is None:
-        model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
+    model = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
     budgets = [b for b in study.budget_list if b is not None]
     merge_s = 0.0
 
@@ -248,9 +281,10 @@ def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, l
             **note, "lora": asdict(lora), "steps": budget or len(steps)}})
         merge_s += time.perf_counter() - t
     t0 = time.perf_counter()
-    merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", init=init,
-                         at_budget=save, budgets=tuple(budgets))
-    save(study.budget_list[-1], merged)
+    merged, _ = finetune(model, tokenizer, steps, lora, optim, seed, folder / "sft", on_step=on_step, init=init,
+                         at_budget=save, budgets=tuple(budgets), shard=shard)
+    if shard is None or shard.rank == 0:
+        save(study.budget_list[-1], merged)
     return {"models": {budget_key(b): model_folder(b) for b in study.budget_list}, "metrics": "sft/metrics.jsonl",
             "train_s": time.perf_counter() - t0 - merge_s, "merge_s": merge_s}
 
@@ -258,6 +292,7 @@ def lora_build(study, cfg, seed: int, folder: Path, steps: list, labels: list, l
 class SftLora(Arm):
     name = "sft-lora"
     trains = True
+    ray_train = True  # on Ray its training is a Ray Train run (lora_build)
 
     def key(self, study, seed):
         run = run_key(study, seed)
@@ -283,7 +318,7 @@ class Distill(SftLora):
     def build(self, study, seed, folder, needs):
         cfg, steps, labels = laten_steps(study, seed)
         unique = dict(zip(itertools.chain(*labels), itertools.chain(*steps)))  # label -> example
-        answers = source_answers(study, unique, folder / "distill" / "answers.jsonl")
+        answers = before_training(study, source_answers, study, unique, folder / "distill" / "answers.jsonl")
         steps = [[replace_answer(e, answers[lab]) for e, lab in zip(step, step_labels)]
                  for step, step_labels in zip(steps, labels)]
         return lora_build(study, cfg, seed, folder, steps, labels, study.sft, {"arm": self.name})
@@ -303,27 +338,36 @@ class Seeking(SftLora):
 
     def build(self, study, seed, folder, needs):
         from ..data import read_examples
-        from ..models import load_model, load_tokenizer, pick_device
-        from ..seeking import extract, init_lora
         k = study.seeking
         cfg, steps, labels = laten_steps(study, seed)
         if k.data != "laten":
             steps, labels = epochs_of(read_examples(k.data), k.epochs, len(steps[0]), seed)
         saved = folder / "seeking" / "plan.pt"
-        target = load_model(cfg.target.model, cfg.target.dtype, pick_device(cfg.target.device))
-        if saved.is_file():
-            plan = torch.load(saved, weights_only=False)
-        else:  # the sensitivity pass runs once; a resumed build reads its plan
-            source = load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
-            plan = extract(source, load_tokenizer(cfg.source.model), target,
-                           read_examples(cfg.data.align, limit=k.seed_examples), rank=k.rank,
-                           max_length=cfg.data.max_length, gradient_checkpointing=k.gradient_checkpointing)
-            del source
-            ckpt.save_json(plan.to_json(), folder / "seeking" / "plan.json")
-            ckpt.save_torch(plan, saved)
+        if not saved.is_file():  # the sensitivity pass runs once; a resumed build reads its plan
+            before_training(study, seeking_plan, study, cfg, saved)
         return lora_build(study, cfg, seed, folder, steps, labels, replace(study.sft, rank=k.rank),
-                          {"arm": self.name, "seeking": asdict(k)}, model=target,
-                          init=lambda peft_model: init_lora(peft_model, plan))
+                          {"arm": self.name, "seeking": asdict(k)}, init=partial(seeking_start, saved))
+
+
+def seeking_plan(study, cfg, saved: Path) -> None:
+    """Seeking's extraction from the source (the target's shapes come from its config): the plan
+    in `saved` and its summary in plan.json beside it."""
+    from ..data import read_examples
+    from ..models import load_model, load_tokenizer, pick_device, read_model_config
+    from ..seeking import extract
+    k = study.seeking
+    source = load_model(cfg.source.model, cfg.source.dtype, pick_device(cfg.source.device))
+    plan = extract(source, load_tokenizer(cfg.source.model), read_model_config(cfg.target.model),
+                   read_examples(cfg.data.align, limit=k.seed_examples), rank=k.rank,
+                   max_length=cfg.data.max_length, gradient_checkpointing=k.gradient_checkpointing)
+    ckpt.save_json(plan.to_json(), saved.parent / "plan.json")
+    ckpt.save_torch(plan, saved)
+
+
+def seeking_start(saved: Path, peft_model) -> None:
+    """The LoRA start of Seeking: the plan's pieces (lora.finetune's `init`; read where it trains)."""
+    from ..seeking import init_lora
+    init_lora(peft_model, torch.load(saved, weights_only=False))
 
 
 def epochs_of(examples: list, epochs: int, per_step: int, seed: int) -> tuple[list, list]:

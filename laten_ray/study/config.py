@@ -57,6 +57,9 @@ class Resources:
     eval_num_cpus: float = 1.0   # the evaluator actor of an arm
     eval_num_gpus: float = 0.0
     parallel: int | None = None  # arms at once; default as many as the cluster's resources hold
+    train_workers: int = 1       # Ray Train workers of a LoRA arm's training (sft-lora, seeking, distill),
+                                 # data-parallel, each with num_cpus and, where num_gpus, one GPU;
+                                 # 0: no Ray Train, the build task trains (as before Ray Train)
 
 
 @dataclass
@@ -213,6 +216,7 @@ def check_study(study: StudyConfig) -> None:
     _each("ray", {k: getattr(r, k) for k in ("num_cpus", "num_gpus", "eval_num_cpus", "eval_num_gpus")},
           lambda v: v >= 0, "must not be negative")
     _each("ray", {"parallel": r.parallel}, lambda v: v is None or v >= 1, "must be at least 1")
+    _each("ray", {"train_workers": r.train_workers}, lambda v: v >= 0, "must not be negative")  # its type: _build
 
 
 def _check_budgets(study: StudyConfig) -> None:

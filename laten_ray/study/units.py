@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,20 +85,6 @@ def plan(study: StudyConfig) -> list[Unit]:
     return list(units.values())
 
 
-def hardware() -> dict:
-    """Where a unit ran: host, CPU, the CPUs this process may use, its torch threads, GPUs."""
-    import torch
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"host": platform.node(), "cpu": cpu, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
-
-
 @dataclass(frozen=True)
 class BuildUnit:
     """What a worker needs to build one unit: the study, checked once on the driver, and the unit."""
@@ -123,13 +107,15 @@ def build_unit(msg: BuildUnit) -> dict:
     import torch
 
     from ..entry import set_process_defaults
+    from ..models import hardware
     set_process_defaults()  # no library progress bars in a worker's log
     torch.set_num_threads(max(1, msg.threads))
     folder = Path(msg.folder)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     info = ARMS[msg.arm].build(msg.study, msg.seed, folder, {k: Path(v) for k, v in msg.needs.items()})
-    info.update(arm=msg.arm, seed=msg.seed, hash=msg.hash, build_s=time.perf_counter() - t0, hardware=hardware())
+    info.update(arm=msg.arm, seed=msg.seed, hash=msg.hash, build_s=time.perf_counter() - t0)
+    info.setdefault("hardware", hardware())  # a Ray Train run's is its rank 0's (study/ray_train.py)
     ckpt.save_json(info, folder / BUILT)
     return info
 
