@@ -28,14 +28,19 @@ DEMO = str(REPO / "configs" / "study-demo.yaml")
 
 def tiny_study(root: Path, **extra) -> "StudyConfig":  # noqa: F821
     """A study of the random tiny Llama pair on the demo task, small enough for a unit test."""
-    return study_from_dict({
+    return study_from_dict(tiny_study_dict(root, **extra))
+
+
+def tiny_study_dict(root: Path, **extra) -> dict:
+    """tiny_study's config, as a study YAML would hold it."""
+    return {
         "name": "t", "output_dir": str(root),
         "source": {"model": "tiny:llama-source", "device": "cpu"},
         "target": {"model": "tiny:llama-target", "device": "cpu"},
         "task": {"name": "demo", "align": "demo:align", "extract": "demo:extract", "eval": "demo:test"},
         "laten": {"data": {"max_length": 128}, "transfer": {"rate": 0.25}, "hypernet": {"init_std": 0.02},
                   "train": {"steps": 3, "align_per_step": 5, "micro_batch_size": 3, "lr": 1e-3}},
-        "sft": {"rank": 4, "lr": 1e-3}, **extra})
+        "sft": {"rank": 4, "lr": 1e-3}, **extra}
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,11 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import free_port
-from test_study import tiny_study
+from laten_ray.study.config import study_from_dict
+from test_study import tiny_study_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 BUDGETS = [2, 24]  # steps after the budget of 2 to kill a worker in (at step 3)
 
@@ -42,10 +47,14 @@ def dashboard(laten_cache):
             ray.shutdown()
 
 
+def study_dict(root: Path, workers: int, **extra) -> dict:
+    laten = tiny_study_dict(root)["laten"]
+    return tiny_study_dict(root, budgets=BUDGETS, ray={"train_workers": workers},
+                           laten={**laten, "train": {**laten["train"], "steps": None, "warmup_steps": 1}}, **extra)
+
+
 def study(root: Path, workers: int, **extra):
-    return tiny_study(root, budgets=BUDGETS, ray={"train_workers": workers},
-                      laten={**tiny_study(root).laten, "train": {**tiny_study(root).laten["train"], "steps": None,
-                                                                 "warmup_steps": 1}}, **extra)
+    return study_from_dict(study_dict(root, workers, **extra))
 
 
 def on_ray(msg):
@@ -163,15 +172,21 @@ def process_titled(title: str, since: float, but: list):
 def test_two_cpu_workers_train_data_parallel_and_the_study_completes(tmp_path, dashboard, plain):
     """The tolerance: two workers sum the gradients, token counts and losses in another order
     than one process (float32): weights within 1e-6 (at most 9e-8 measured over 40 steps),
-    losses within 1e-6 relative. Meanwhile the target's evaluator is killed for good (twice):
-    the study evaluates it again on a fresh one."""
-    from jobs.study import run_study
-    s = study(tmp_path, 2, arms=["target", "sft-lora"], seeds=[0], engine="hf",
-              task={**tiny_study(tmp_path).task.__dict__, "limit": 4})
+    losses within 1e-6 relative. The study runs as users run it, `python -m jobs.study
+    --address` in a process of its own joining the cluster; meanwhile the target's evaluator is
+    killed for good (twice): the study evaluates it again on a fresh one."""
+    import ray
+    config = study_dict(tmp_path, 2, arms=["target", "sft-lora"], seeds=[0], engine="hf",
+                        task={**tiny_study_dict(tmp_path)["task"], "limit": 4})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     killed: list = []
     threading.Thread(target=kill_the_first_evaluator_twice, args=(killed,), daemon=True).start()
-    lines: list = []
-    folder = run_study(s, log=lines.append)
+    done = subprocess.run([sys.executable, "-m", "jobs.study", "--config", str(tmp_path / "study.yaml"), "--address",
+                           ray.get_runtime_context().gcs_address], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0, "\n".join(lines[-60:])
+    folder = study_from_dict(config).study_dir
     assert len(killed) == 2, killed
     assert any("target: its evaluator was lost" in line and "evaluating again" in line for line in lines), lines
     plan = json.loads((folder / "plan.json").read_text())
