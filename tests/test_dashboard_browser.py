@@ -192,14 +192,31 @@ def test_a_studys_fine_tuning_run_shows_as_ray_train(cluster, browser, training_
     browser's own session. The training job is stopped first: its actors hold the CPUs."""
     stop(cluster, training_job)
     job_id = submit(cluster, "python", "-m", "jobs.study", "--config", "configs/study-demo.yaml", f"name={STUDY}",
-                    "arms=[target,sft-lora]", "seeds=1", "budgets=[64]", "task.limit=4", "ray.train_workers=1")
+                    f"output_dir={cluster['tmp'] / 'studies'}", "arms=[target,sft-lora]", "seeds=1", "budgets=[64]", "task.limit=4", "ray.train_workers=1")
     try:
-        show(browser, cluster, "/actors", "TrainController", "RayTrainWorker", timeout_s=240)
+        try:
+            show(browser, cluster, "/actors", "TrainController", "RayTrainWorker", timeout_s=240)
+        except AssertionError as e:  # what the study job said
+            logs = subprocess.run([RAY, "job", "logs", "--address", cluster["dashboard"], job_id], env=cluster["env"],
+                                  capture_output=True, text=True, timeout=120)
+            raise AssertionError(f"{str(e)[:1500]}\nthe study job's log:\n{(logs.stdout + logs.stderr)[-4000:]}") from None
         browser.screenshot(tmp_path / "train-actors.png")
-        runs = browser.js("fetch('/api/train/v2/runs/v1').then(r => r.json())"
-                          ".then(j => j.train_runs.map(t => [t.name, t.status]))")
+        runs = train_runs(browser)
     finally:
         stop(cluster, job_id)
-    names = [name for name, _ in runs or []]
-    assert any(re.fullmatch(rf"laten-study-{STUDY}-sft-lora-s0-[0-9a-f]{{10}}", n) for n in names), runs
+    assert any(re.fullmatch(rf"laten-study-{STUDY}-sft-lora-s0-[0-9a-f]{{10}}", name) for name, _ in runs), runs
     print(f"screenshots: {tmp_path}")
+
+
+def train_runs(browser: Browser, timeout_s: float = 120) -> list:
+    """[name, status] of each run in Ray Train's state API, fetched by the page (its session), once
+    it lists one: the controller registers its run with Ray Train's state actor after it starts,
+    and the API answers 500 until that actor exists."""
+    deadline, answer = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        answer = browser.js("fetch('/api/train/v2/runs/v1').then(r => r.ok ? r.json() : r.text())"
+                            ".then(j => j.train_runs ? j.train_runs.map(t => [t.name, t.status]) : j)")
+        if isinstance(answer, list) and answer:
+            return answer
+        time.sleep(1)
+    raise AssertionError(f"Ray Train's state API lists no run after {timeout_s} s: {answer!r}"[:3000])
