@@ -208,25 +208,19 @@ def carry_out(study, units, steps: list[Step], log) -> list[str]:
             step, actor = flights.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                if actor is not None and not e.actor_init_failed and lost.count(step.label) < LOST_RETRIES:
+            except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others go on
+                if actor is not None:
+                    ray.kill(actor)
+                if (actor is not None and isinstance(e, ray.exceptions.RayActorError) and not e.actor_init_failed
+                        and lost.count(step.label) < LOST_RETRIES):
                     # its evaluator was lost (its process died, or Ray dropped it before it
                     # started), not an error of the evaluation: again on a fresh evaluator
                     lost.append(step.label)
-                    ray.kill(actor)
                     say(step, f"its evaluator was lost ({_short(e)}); evaluating again")
                     pending.insert(0, step)
                     continue
                 failed[step.label] = str(e)
                 say(step, f"FAILED ({step.kind}): {_short(e)}")
-                if actor is not None:
-                    ray.kill(actor)
-                continue
-            except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others go on
-                failed[step.label] = str(e)
-                say(step, f"FAILED ({step.kind}): {_short(e)}")
-                if actor is not None:
-                    ray.kill(actor)
                 continue
             if actor is not None:
                 idle.append(actor)
